@@ -30,6 +30,13 @@ def recommend(model, vram_gb=None, serve="vllm", multi_adapter=False, quant="non
     return _recommend(model, vram_gb, serve, multi_adapter, quant, goal, seq_len, batch_size, **kwargs)
 
 
+def probe(model, methods=None, data=None, **kwargs) -> list[ProbeResult]:
+    """Micro-train `methods` on `model` on this machine's GPU (or CPU) and measure them; see peftpick.probes."""
+    from peftpick.probes import probe as _probe
+
+    return _probe(model, methods, data, **kwargs)
+
+
 def estimate(model, adapter="lora", **kwargs) -> MemoryEstimate:
     """Peak GPU memory of training `model` with `adapter`, without a GPU; see peftpick.estimator."""
     from peftpick.estimator import estimate as _estimate
@@ -50,6 +57,7 @@ __all__ = [
     "Recommendation",
     "Request",
     "estimate",
+    "probe",
     "recommend",
     "Serve",
     "ServingVerdict",

@@ -118,7 +118,7 @@ def _version_callback(value: bool) -> None:
 # --------------------------------------------------------------------------------------- recommendation
 
 _RECOMMEND_OPTIONS = ("model", "vram", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size",
-                      "methods", "json_output", "report")
+                      "methods", "json_output", "report", "probe", "probe_steps", "data")
 
 
 @app.callback(invoke_without_command=True)
@@ -151,6 +151,15 @@ def recommend_command(
     report: Annotated[Optional[Path], typer.Option(
         "--report", help="Also write the report to FILE: .md (Markdown) or .html (with a Pareto plot).",
         metavar="FILE", show_default=False)] = None,
+    probe: Annotated[Optional[bool], typer.Option(
+        "--probe/--no-probe", help="Micro-train the top 8 candidates first to measure memory, speed and loss "
+        "(default: only when a CUDA GPU is present; --probe on a CPU: small models, no memory figures).",
+        show_default=False)] = None,
+    probe_steps: Annotated[int, typer.Option(
+        "--probe-steps", help="Measured optimizer steps per probe.")] = 10,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Training data for the probes: .jsonl/.json, .csv/.tsv, .parquet or .txt (default: built-in "
+        "arithmetic problems).", metavar="FILE", show_default=False)] = None,
     version: Annotated[bool, typer.Option(
         "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True)] = False,
 ) -> None:
@@ -186,6 +195,17 @@ def recommend_command(
         extra: dict[str, Any] = {}
         if methods:
             extra["methods"] = [name.strip().lower() for name in methods.split(",") if name.strip()]
+        if probe_steps < 2:
+            raise PeftpickError(f"--probe-steps must be at least 2, got {probe_steps}",
+                                "a loss slope needs two optimizer steps or more; pass e.g. --probe-steps 10")
+        if data is not None and probe is False:
+            raise PeftpickError("--data is training data for the probes, and --no-probe turns them off",
+                                "drop --no-probe, or drop --data")
+        extra.update(probe=probe, probe_steps=probe_steps, data=data)
+        if _accepts(recommend, "workers"):
+            from peftpick.recommender import default_workers
+
+            extra["workers"] = default_workers()
         with _spinner(f"Resolving {model} and estimating memory for each method...") as show_progress:
             if _accepts(recommend, "progress"):
                 extra["progress"] = show_progress
@@ -370,9 +390,78 @@ def models_command(
 
 
 # ----------------------------------------------------------------------------------------------- probe
-# `peftpick probe` (a short micro-training on the local GPU that measures memory and loss) is added by a
-# separate issue. Register it here as `@app.command("probe")`, wrap its body in `_handled_errors()` and its
-# long steps in `_spinner(...)`, and keep the heavy imports inside the function like the commands above.
+
+
+@app.command("probe")
+def probe_command(
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="Model: a local folder with weights, a hub id in the local cache, or a bundled name "
+        "with --random-weights.", show_default=False)],
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Training data: .jsonl/.json, .csv/.tsv, .parquet or .txt (default: built-in arithmetic "
+        "problems).", metavar="FILE", show_default=False)] = None,
+    methods: Annotated[Optional[str], typer.Option(
+        "--methods", help="Comma-separated methods (default: lora,dora,lora-fa,oft,ia3,loha,vera,prompt-tuning).",
+        show_default=False)] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (batches are packed to it).")] = 768,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Batch size per optimizer step (kept when a smaller micro-batch must be used).")] = 4,
+    steps: Annotated[int, typer.Option("--steps", help="Measured optimizer steps, after one warm-up step.")] = 10,
+    grad_ckpt: Annotated[bool, typer.Option(
+        "--grad-ckpt", help="Start with gradient checkpointing on.")] = False,
+    random_weights: Annotated[bool, typer.Option(
+        "--random-weights", help="Build the model from its config with random weights (memory and speed only).")]
+        = False,
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="cuda, cuda:N or cpu (default: the GPU if there is one; the CPU measures no memory).",
+        show_default=False)] = None,
+    text_field: Annotated[Optional[str], typer.Option(
+        "--text-field", help="Field holding the text (default: text).", show_default=False)] = None,
+    prompt_field: Annotated[Optional[str], typer.Option(
+        "--prompt-field", help="Field holding the prompt (with --response-field).", show_default=False)] = None,
+    response_field: Annotated[Optional[str], typer.Option(
+        "--response-field", help="Field holding the response (with --prompt-field).", show_default=False)] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(
+        "--learning-rate", help="Learning rate for every method (default: each method's benchmark rate).",
+        show_default=False)] = None,
+    timeout: Annotated[Optional[float], typer.Option(
+        "--timeout", help="Seconds allowed per probe once its process has started (default 1800).",
+        show_default=False)] = None,
+    json_output: Annotated[bool, typer.Option(
+        "--json", help="Print the measurements as JSON (schema_version 1) and nothing else on stdout.")] = False,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Measure again: neither read nor write the probe cache.")] = False,
+) -> None:
+    """Micro-train candidate methods on this machine's GPU and print measured peak memory, speed and loss slope."""
+    import warnings
+
+    with _handled_errors(), warnings.catch_warnings():
+        from peftpick.probes import ProbesInterrupted, ProbeWarning, probe
+
+        # what a run recovered from (e.g. a damaged cache replaced): one line on stderr, not a Python warning dump
+        warnings.simplefilter("always", ProbeWarning)
+        warnings.showwarning = lambda message, *_args, **_kwargs: typer.echo(f"warning: {message}", err=True)
+        interrupted = False
+        try:
+            results = probe(model, methods, data, seq_len=seq_len, batch_size=batch_size, steps=steps,
+                            gradient_checkpointing=grad_ckpt, random_weights=random_weights, device=device,
+                            cache=not no_cache, text_field=text_field, prompt_field=prompt_field,
+                            response_field=response_field, learning_rate=learning_rate, timeout_s=timeout)
+        except ProbesInterrupted as stopped:  # keep what finished: print it, then exit as interrupted
+            results, interrupted = stopped.results, True
+        from peftpick.probes.table import print_probe_table, probes_document
+
+        if json_output:
+            typer.echo(json.dumps(probes_document(model, results, interrupted), indent=2, allow_nan=False))
+        elif results:
+            from rich.console import Console
+
+            print_probe_table(model, results, Console())
+        if interrupted:
+            typer.echo(f"interrupted: {len(results)} probe(s) finished and are cached", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED)
+        if results and all(result.status == "error" for result in results):
+            raise typer.Exit(1)  # nothing could be measured; the table says why
 
 
 # ------------------------------------------------------------------------------------------------ entry

@@ -146,7 +146,11 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """What one micro-training measured. Memory fields are None when not measured (CPU)."""
+    """What one micro-training measured. Memory fields are None when not measured (CPU).
+
+    `shape` is the setting measured: the cheapest that fits when cheaper ones had to be tried after an
+    out-of-memory (those are in `oom_settings`), the last one tried when none fits (status "oom").
+    """
 
     method: str
     status: Literal["ok", "oom", "error"]
@@ -165,6 +169,15 @@ class ProbeResult:
     error: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     from_cache: bool = False
+    display_name: str = ""
+    requested_shape: TrainingShape | None = None  # the setting asked for, tried first
+    oom_settings: tuple[TrainingShape, ...] = ()  # settings tried that ran out of memory, in order
+    total_params: int | None = None
+    breakdown: dict[str, int] = field(default_factory=dict)  # bytes by part, adding up to peak_allocated_bytes
+    learning_rate: float | None = None
+    data: str = ""  # what the probe trained on
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # where the wall time went
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -219,16 +232,39 @@ class TrainingPlan:
 
 
 @dataclass(frozen=True)
+class QualityPrediction:
+    """Expected benchmark score relative to plain LoRA (1.0 = LoRA), its interval, and where the figure comes from."""
+
+    relative: float
+    low: float
+    high: float
+    basis: str  # one sentence for the report
+    source: Literal["benchmark run", "model"] = "model"
+    level: float = 0.8  # the interval's intended coverage
+    used_probe: bool = False  # early-signal features from the user's probe went into the figure
+    non_learning: str | None = None  # why the probe says this method does not learn; None when it does / no probe
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+@dataclass(frozen=True)
 class RankedCandidate:
     candidate: Candidate
     plan: TrainingPlan
     serving: ServingVerdict
     evidence: BenchmarkEvidence | None
     adapter_bytes: int
-    score: float
+    score: float  # the --goal utility (higher is better)
     reason: str  # one line: why it ranks where it does
     probe: ProbeResult | None = None
     prefer_when: str = ""  # when a user should take this one over the others
+    quality: QualityPrediction | None = None
+    relative_speed: float | None = None  # training steps per second relative to plain LoRA (1.0 = LoRA's speed)
+    speed_source: str = ""  # "benchmark <run>" or "measured on <GPU>"
+    pareto: bool = True  # no other candidate is at least as good on every axis and better on one
+    dominated_by: tuple[str, ...] = ()  # display names of candidates that dominate it
+    flags: tuple[str, ...] = ()  # warnings that ranked it down (e.g. its probe loss does not fall)
 
     def peft_config(self):
         return self.candidate.peft_config()
@@ -268,6 +304,9 @@ class Recommendation:
     excluded: tuple[Exclusion, ...]
     gpu: str | None = None  # the GPU the figures were measured on, None when estimated
     verdict: str = ""  # one paragraph for people, first thing the report prints
+    goal_weights: dict[str, float] = field(default_factory=dict)  # the utility's weights for the request's goal
+    uncertainty: tuple[str, ...] = ()  # which top candidates the evidence cannot order, and what would settle it
+    probes: tuple[ProbeResult, ...] = ()  # every probe run for this recommendation (also those later excluded)
 
     @property
     def best(self) -> RankedCandidate | None:

@@ -1,0 +1,123 @@
+"""Probes: a short micro-training of candidate methods on the user's own GPU, model and data, measuring peak
+memory (torch and NVML), speed and the loss slope.
+
+    import peftpick
+    results = peftpick.probe("./my-model", ["lora", "dora"], data="train.jsonl", steps=10)
+
+`probe` builds the candidates itself; the recommender calls `run_probes` with the shortlist it already built and
+the settings it planned. Each candidate runs in its own worker process (see `runner` and `worker`); results are
+cached on disk (`cache`); `probe_to_estimate` turns a result into the `MemoryEstimate` the report shows,
+labelled "measured on <GPU>". On a machine without a GPU probes run on the CPU (small models only) and measure
+speed and the loss slope, not memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from peftpick.errors import PeftpickError
+from peftpick.probes.cache import ProbeWarning
+from peftpick.probes.device import GpuInfo, detect_gpu
+from peftpick.probes.results import fit_loss_slope, probe_to_estimate, result_from_dict, result_to_dict
+from peftpick.probes.runner import (
+    DEFAULT_TIMEOUT_S,
+    ProbeOptions,
+    ProbesInterrupted,
+    cheaper_settings,
+    run_probes,
+)
+from peftpick.types import ProbeResult, TrainingShape
+
+# What `peftpick probe` measures without --methods: methods whose memory and learning differ (LoRA and its
+# re-parametrisations rsLoRA / PiSSA / OLoRA share LoRA's memory), eight as in the recommender's shortlist.
+DEFAULT_METHODS = ("lora", "dora", "lora-fa", "oft", "ia3", "loha", "vera", "prompt-tuning")
+
+
+def probe(
+    model: Any,
+    methods: Iterable[str] | str | None = None,
+    data: str | Path | None = None,
+    *,
+    seq_len: int = 768,
+    batch_size: int = 4,
+    steps: int = 10,
+    gradient_checkpointing: bool = False,
+    random_weights: bool = False,
+    device: str | None = None,
+    cache: bool = True,
+    progress: Any = None,
+    text_field: str | None = None,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    timeout_s: float | None = None,
+    learning_rate: float | None = None,
+) -> list[ProbeResult]:
+    """Micro-train each of `methods` on `model` and return what was measured, one result per method in order.
+
+    model: a bundled name, a local folder (weights loaded from it) or a hub id; a bundled name needs the weights
+        in the local Hugging Face cache unless `random_weights` (memory and speed only).
+    methods: catalogue keys (a list or "a,b,c"); None: DEFAULT_METHODS. A method that cannot be applied to the
+        model gives a result with status "error" saying why.
+    data: JSON lines / JSON / CSV / TSV / Parquet / text with a `text` field or prompt/response fields (names
+        overridable); None: the built-in arithmetic sample.
+    steps: measured optimizer steps (at least 2) after one warm-up step.
+    device: "cuda", "cuda:N" or "cpu"; None: the GPU when there is one.
+    cache: read and write the probe cache ($PEFTPICK_CACHE_DIR or ~/.cache/peftpick/probes.sqlite).
+    progress: True for a progress bar on stderr, a callable for one-line messages, False for none; None: a bar
+        when stderr is a terminal.
+    learning_rate: None uses each method's benchmark learning rate.
+    Raises PeftpickError for bad input, ProbesInterrupted (with the finished results) on Ctrl-C.
+    """
+    from peftpick.knowledge.architectures import resolve_model
+    from peftpick.methods import ArchitectureNotSupported, build_candidate, get_method
+
+    options = ProbeOptions(steps=steps, batch_size=batch_size, seq_len=seq_len,
+                           gradient_checkpointing=gradient_checkpointing, random_weights=random_weights,
+                           device=device, cache=cache, timeout_s=timeout_s, data=data, text_field=text_field,
+                           prompt_field=prompt_field, response_field=response_field, learning_rate=learning_rate)
+    names = _method_names(methods)
+    specs = list(dict.fromkeys(get_method(name) for name in names))  # unknown names fail here, before any work
+    arch = resolve_model(model)
+    candidates = []
+    not_applicable: dict[int, ProbeResult] = {}
+    for position, spec in enumerate(specs):
+        try:
+            candidates.append(build_candidate(spec, arch))
+        except ArchitectureNotSupported as error:
+            not_applicable[position] = ProbeResult(
+                method=spec.key, status="error", device="not run", display_name=spec.display_name,
+                shape=TrainingShape(batch_size=batch_size, seq_len=seq_len), error=f"not applicable: {error}")
+    measured = iter(run_probes(arch, candidates, None, options, progress=progress) if candidates else [])
+    return [not_applicable[position] if position in not_applicable else next(measured)
+            for position in range(len(specs))]
+
+
+def _method_names(methods: Iterable[str] | str | None) -> list[str]:
+    if methods is None:
+        return list(DEFAULT_METHODS)
+    if isinstance(methods, str):
+        methods = methods.split(",")
+    names = [str(name).strip() for name in methods if str(name).strip()]
+    if not names:
+        raise PeftpickError("no method to probe", "pass method names, e.g. lora,dora (see `peftpick probe --help`)")
+    return names
+
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "DEFAULT_TIMEOUT_S",
+    "GpuInfo",
+    "ProbeOptions",
+    "ProbeWarning",
+    "ProbesInterrupted",
+    "cheaper_settings",
+    "detect_gpu",
+    "fit_loss_slope",
+    "probe",
+    "probe_to_estimate",
+    "result_from_dict",
+    "result_to_dict",
+    "run_probes",
+]

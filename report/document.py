@@ -19,9 +19,11 @@ from peftpick.report.formatting import (
     memory_source,
     peak_cell,
     plan_text,
+    quality_cell,
     serving_cell,
     serving_tone,
     settings_cell,
+    speed_cell,
     trainable_cell,
 )
 from peftpick.report.schema import model_id_of
@@ -79,7 +81,7 @@ Block = Union[Heading, Paragraph, Table, Code, Bullets, ParetoPlot]
 
 RANKED_HEADERS = (
     "#", "Method", "Settings", "Trainable params", "Adapter size", "Peak VRAM, GiB reserved", "Fit",
-    "Benchmark evidence", "Serving", "Why",
+    "Quality x LoRA [80% int.]", "Benchmark evidence", "Speed x LoRA", "Serving", "Why",
 )
 
 
@@ -110,19 +112,37 @@ def ranked_table(rec: Recommendation) -> Table:
     for position, ranked in enumerate(rec.ranked, 1):
         candidate = ranked.candidate
         rows.append(_cells(
-            str(position),
+            str(position) + ("" if ranked.pareto else " (d)"),
             candidate.display_name,
             settings_cell(candidate),
             trainable_cell(ranked.estimate),
             binary_size(ranked.adapter_bytes),
             peak_cell(ranked.estimate),
             Cell(fit_cell(ranked, vram), fit_tone(ranked.plan.fit)),
+            Cell(quality_cell(ranked), "bad" if ranked.flags else ""),
             evidence_cell(ranked.evidence),
+            speed_cell(ranked),
             Cell(serving_cell(ranked.serving), serving_tone(ranked.serving.route)),
             ranked.reason,
         ))
     headers = (*RANKED_HEADERS[:6], f"Fit vs {vram:g} GiB", *RANKED_HEADERS[7:])
-    return Table(headers, tuple(rows), right_aligned=frozenset({0, 3, 4, 5}), wide=frozenset({7, 8, 9}))
+    return Table(headers, tuple(rows), right_aligned=frozenset({0, 3, 4, 5}), wide=frozenset({8, 10, 11}))
+
+
+def ranking_note(rec: Recommendation) -> str:
+    """How the order was made: the Pareto front first, then the goal's utility, with its weights."""
+    goal = getattr(rec.request.goal, "value", rec.request.goal)
+    weights = ", ".join(f"{axis} {weight:g}" for axis, weight in rec.goal_weights.items())
+    dominated = sum(not r.pareto for r in rec.ranked)
+    return (f"Order: candidates on the Pareto front over expected quality, peak memory, speed and adapter size "
+            f"first, then by the --goal {goal} utility ({weights}). "
+            + (f"{dominated} candidate(s) marked (d) are dominated: another is at least as good on all four "
+               "figures and better on one (the Why column names it). " if dominated else "")
+            + "Candidates whose probe loss does not fall are ranked last. Quality: \"run\" is the candidate's own "
+            "benchmark run (interval: test-set sampling noise), \"model\" the quality model's prediction from "
+            "similar runs, \"model+probe\" with your probe's early losses. Speed: training steps per second "
+            "relative to plain LoRA, from the benchmark runs' training times (\"run\") or measured by the "
+            "probes (\"probe\"), slowed by about 1.3x where the plan needs gradient checkpointing.")
 
 
 def breakdown_table(ranked: tuple[RankedCandidate, ...]) -> Table:
@@ -228,6 +248,8 @@ def build_document(rec: Recommendation) -> list[Block]:
                 "allocated memory by part is in the breakdown below. " + evidence_note(rec),
                 "note",
             ),
+            Paragraph(ranking_note(rec), "note"),
+            *(Paragraph("Uncertainty: " + note, "note") for note in rec.uncertainty),
             ParetoPlot("Expected quality against peak reserved memory, one point per ranked candidate."),
             Heading("Memory breakdown at the peak", 3),
             breakdown_table(rec.ranked),

@@ -1,7 +1,7 @@
 """Short, human-readable cell texts shared by every renderer (text, Markdown, HTML).
 
 Every memory figure is printed in GiB (2**30 bytes) with its provenance ("estimated" or "measured on <GPU>");
-every quality figure names the benchmark run it comes from.
+every quality figure says whether it is a benchmark run or the quality model's prediction, with its interval.
 """
 
 from __future__ import annotations
@@ -127,6 +127,26 @@ def evidence_cell(evidence: BenchmarkEvidence | None) -> str:
     ratio = relative(evidence)
     vs_lora = f", {ratio:.2f}x LoRA" if ratio is not None else ""
     return f"{evidence.score:.3f} {evidence.metric}{vs_lora} (benchmark {evidence.benchmark} {evidence.experiment})"
+
+
+def quality_cell(ranked: RankedCandidate) -> str:
+    """"1.07 [1.04-1.11] run" (a benchmark run), "1.00 [0.91-1.10] model" (the quality model's prediction),
+    "... model+probe" (with the user's probe losses); "n/a" without a figure."""
+    quality = ranked.quality
+    if quality is None:
+        return "n/a"
+    source = "run" if quality.source == "benchmark run" else ("model+probe" if quality.used_probe else "model")
+    return f"{quality.relative:.2f} [{quality.low:.2f}-{quality.high:.2f}] {source}"
+
+
+def speed_cell(ranked: RankedCandidate) -> str:
+    """"0.77 (run)" from the benchmark run's training time, "1.02 (probe)" measured on the user's GPU, "1.00
+    (assumed)" when neither is known."""
+    if ranked.relative_speed is None:
+        return "n/a"
+    source = ranked.speed_source or ""
+    tag = "probe" if source.startswith("measured") else "run" if source.startswith("benchmark") else "assumed"
+    return f"{ranked.relative_speed:.2f} ({tag})"
 
 
 def serving_cell(serving: ServingVerdict) -> str:

@@ -1,8 +1,8 @@
 """Pareto plot of the ranked candidates: expected quality against peak memory, as PNG bytes.
 
-Quality is the benchmark score relative to plain LoRA (1.0 = LoRA's reference run). Candidates without a
-benchmark run sit on a row below the others with their own marker; when no candidate has a run, every point
-uses the ranking score instead and the axis says so.
+Quality is the expected benchmark score relative to plain LoRA (1.0 = LoRA's reference run), with its interval:
+filled circles are benchmark runs, hollow squares the quality model's predictions. (Recommendations built
+without quality figures fall back to the benchmark evidence, with runless candidates on a row of their own.)
 """
 
 from __future__ import annotations
@@ -23,11 +23,19 @@ class PlotPoint:
     label: str
     memory_gib: float
     quality: float
-    has_evidence: bool
+    has_evidence: bool  # a benchmark run (filled marker); False: predicted by the quality model or no figure
+    low: float | None = None  # interval of the quality figure, when there is one
+    high: float | None = None
+    pareto: bool = True
 
 
 def plot_points(rec: Recommendation) -> tuple[list[PlotPoint], str]:
     """One point per ranked candidate, and the y-axis label."""
+    if all(r.quality is not None for r in rec.ranked):
+        points = [PlotPoint(r.candidate.display_name, r.estimate.peak_reserved_bytes / GIB, r.quality.relative,
+                            r.quality.source == "benchmark run", r.quality.low, r.quality.high, r.pareto)
+                  for r in rec.ranked]
+        return points, "expected quality relative to LoRA (1.0 = LoRA), 80 % interval"
     ratios = [relative(r.evidence) if r.evidence is not None else None for r in rec.ranked]
     if not any(ratio is not None for ratio in ratios):
         points = [
@@ -47,9 +55,10 @@ def plot_points(rec: Recommendation) -> tuple[list[PlotPoint], str]:
 
 
 def _pareto_front(points: list[PlotPoint]) -> list[PlotPoint]:
-    """Points with evidence that no other point beats on both memory (lower) and quality (higher)."""
+    """Points that no other point beats on both memory (lower) and quality (higher), for the front line drawn
+    through quality and memory (the ranking's front also counts speed and adapter size)."""
     front, best_quality = [], float("-inf")
-    for point in sorted((p for p in points if p.has_evidence), key=lambda p: (p.memory_gib, -p.quality)):
+    for point in sorted((p for p in points if p.has_evidence or p.low is not None), key=lambda p: (p.memory_gib, -p.quality)):
         if point.quality > best_quality:
             front.append(point)
             best_quality = point.quality
@@ -73,20 +82,27 @@ def pareto_png(rec: Recommendation) -> bytes | None:
 
     with_evidence = [p for p in points if p.has_evidence]
     without = [p for p in points if not p.has_evidence]
+    predicted = all(p.low is not None for p in points)  # every point has an interval: no "no run" row
+    if predicted:
+        axes.errorbar([p.memory_gib for p in points], [p.quality for p in points],
+                      yerr=[[p.quality - p.low for p in points], [p.high - p.quality for p in points]],
+                      fmt="none", ecolor="#9aa4ad", elinewidth=0.8, capsize=2, zorder=2)
     if with_evidence:
         axes.scatter([p.memory_gib for p in with_evidence], [p.quality for p in with_evidence], s=46,
-                     color=_EVIDENCE_COLOUR, marker="o", zorder=3, label="benchmark evidence")
-        front = _pareto_front(points)
-        if len(front) > 1:
-            axes.plot([p.memory_gib for p in front], [p.quality for p in front], color=_EVIDENCE_COLOUR,
-                      linestyle=":", linewidth=1, zorder=2, label="Pareto front")
+                     color=_EVIDENCE_COLOUR, marker="o", zorder=3, label="benchmark run")
+    front = _pareto_front(points)
+    if len(front) > 1:
+        axes.plot([p.memory_gib for p in front], [p.quality for p in front], color=_EVIDENCE_COLOUR,
+                  linestyle=":", linewidth=1, zorder=2, label="front: quality vs memory")
     if without:
-        label = "no benchmark run (ranking score)" if not with_evidence else "no benchmark run (placed at bottom)"
+        label = ("quality model prediction" if predicted else
+                 "no benchmark run (ranking score)" if not with_evidence else "no benchmark run (placed at bottom)")
         axes.scatter([p.memory_gib for p in without], [p.quality for p in without], s=52,
-                     facecolors="none", edgecolors=_NO_EVIDENCE_COLOUR, marker="s", zorder=3, label=label)
-    if with_evidence:
-        axes.axhline(1.0, color="#555555", linewidth=0.8, linestyle="-.", zorder=1, label="LoRA reference run")
-    if with_evidence and without:
+                     facecolors="none", edgecolors=_NO_EVIDENCE_COLOUR if not predicted else _EVIDENCE_COLOUR,
+                     marker="s", zorder=3, label=label)
+    if with_evidence or predicted:
+        axes.axhline(1.0, color="#555555", linewidth=0.8, linestyle="-.", zorder=1, label="plain LoRA (1.0)")
+    if with_evidence and without and not predicted:
         _label_no_evidence_row(axes, [p.quality for p in with_evidence], without[0].quality)
     for point in points:
         axes.annotate(point.label, (point.memory_gib, point.quality), textcoords="offset points", xytext=(5, 5),

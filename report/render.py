@@ -74,15 +74,34 @@ def print_report(rec: Recommendation, console: Console) -> None:
 
 
 def _fit_to_width(table: Table, width: int) -> list[Table]:
-    """The table as is, or on a narrow terminal split in two: the figures, then the sentence columns.
-
-    Both parts keep the first two columns (rank and method) so rows still line up by name.
-    """
-    if not table.wide or width >= SPLIT_BELOW_WIDTH:
+    """The table as is when it fits, else split into parts that do: the figure columns first, in as few parts as
+    fit the width, then the sentence columns. Every part keeps the first two columns (rank and method) so rows
+    still line up by name."""
+    if width >= SPLIT_BELOW_WIDTH or len(table.headers) <= 2:
         return [table]
     keys = [0, 1]
-    figures = [i for i in range(len(table.headers)) if i not in table.wide and i not in keys]
-    sentences = sorted(table.wide)
+
+    def natural(index: int) -> int:  # the width a column wants: its longest cell (sentences wrap at 60)
+        longest = max([len(row[index].text) for row in table.rows] + [max(map(len, table.headers[index].split()))])
+        return min(longest, 60 if index in table.wide else 28) + 3
+
+    budget = width - sum(natural(i) for i in keys)
+    groups: list[list[int]] = []
+    for kind in (False, True):  # figures, then sentences
+        group: list[int] = []
+        used = 0
+        for index in range(2, len(table.headers)):
+            if (index in table.wide) != kind:
+                continue
+            if group and used + natural(index) > budget:
+                groups.append(group)
+                group, used = [], 0
+            group.append(index)
+            used += natural(index)
+        if group:
+            groups.append(group)
+    if len(groups) == 1:
+        return [table]
 
     def part(columns: list[int]) -> Table:
         chosen = [*keys, *columns]
@@ -92,7 +111,7 @@ def _fit_to_width(table: Table, width: int) -> list[Table]:
             right_aligned=frozenset(n for n, i in enumerate(chosen) if i in table.right_aligned),
         )
 
-    return [part(figures), part(sentences)]
+    return [part(group) for group in groups]
 
 
 def _rich_table(block: Table):

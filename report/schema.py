@@ -21,6 +21,7 @@ from peftpick.types import (
     Exclusion,
     MemoryEstimate,
     ProbeResult,
+    QualityPrediction,
     RankedCandidate,
     Recommendation,
     Request,
@@ -155,6 +156,21 @@ def probe_to_dict(probe: ProbeResult | None) -> dict[str, Any] | None:
     })
 
 
+def quality_to_dict(quality: QualityPrediction | None) -> dict[str, Any] | None:
+    if quality is None:
+        return None
+    return json_safe({
+        "relative_to_lora": quality.relative,
+        "low": quality.low,
+        "high": quality.high,
+        "level": quality.level,
+        "source": quality.source,
+        "used_probe": quality.used_probe,
+        "non_learning": quality.non_learning,
+        "basis": quality.basis,
+    })
+
+
 def _settings(ranked: RankedCandidate) -> dict[str, Any]:
     candidate = ranked.candidate
     kwargs = candidate.peft_kwargs
@@ -206,6 +222,11 @@ def ranked_to_dict(ranked: RankedCandidate, position: int, vram_gib: float) -> d
         "evidence": evidence_to_dict(ranked.evidence),
         "serving": {"route": ranked.serving.route, "reason": ranked.serving.reason, "source": ranked.serving.source},
         "probe": probe_to_dict(ranked.probe),
+        "quality": quality_to_dict(ranked.quality),
+        "speed": {"relative_to_lora": json_safe(ranked.relative_speed), "source": ranked.speed_source},
+        "pareto": bool(ranked.pareto),
+        "dominated_by": list(ranked.dominated_by),
+        "flags": list(ranked.flags),
         "score": json_safe(float(ranked.score)),
         "reason": ranked.reason,
         "prefer_when": ranked.prefer_when,
@@ -250,11 +271,19 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
     | `ranked[].evidence` | object \| null | `benchmark`, `experiment`, `metric`, `score`, `lora_score`, `relative_to_lora` (score / LoRA reference score), `lora_experiment`, `model` (the benchmark's base model), `gpu`, `source_commit`; null without a benchmark run |
     | `ranked[].serving` | object | `route` ("native" / "merge" / "convert" / "cannot" / "not needed"), `reason`, `source` |
     | `ranked[].probe` | object \| null | micro-training measurement when one was run: `status`, `device`, `peak_allocated_bytes`, `peak_reserved_bytes`, `nvml_used_bytes`, `tokens_per_second`, `step_seconds`, `losses`, `loss_slope`, `loss_slope_stderr`, `wall_seconds`, `error`, `from_cache` |
-    | `ranked[].score` | float \| null | ranking score (higher is better) |
+    | `ranked[].quality` | object \| null | expected quality: `relative_to_lora` (score / plain LoRA's; 1.0 = LoRA), `low`, `high` (interval), `level` (its intended coverage, 0.8), `source` ("benchmark run" or "model"), `used_probe` (the user's probe losses went into it), `non_learning` (why the probe loss does not fall; null when it does or nothing was probed), `basis` (one sentence: where the figure comes from) |
+    | `ranked[].speed` | object | `relative_to_lora` (training steps per second relative to plain LoRA, with the plan's checkpointing; null when unknown), `source` ("benchmark <run>" or "measured on <GPU>") |
+    | `ranked[].pareto` | bool | on the Pareto front over expected quality, peak memory, speed and adapter size |
+    | `ranked[].dominated_by` | [str] | display names of candidates at least as good on all four and better on one |
+    | `ranked[].flags` | [str] | warnings that ranked it down (e.g. its probe loss does not fall) |
+    | `ranked[].score` | float \| null | the --goal utility (higher is better); see `goal_weights` |
     | `ranked[].reason` | str | why it ranks where it does |
     | `ranked[].prefer_when` | str | when to take it over the others ("" if not stated) |
     | `ranked[].notes` | [str] | method notes from the catalogue |
     | `excluded` | [object] | methods ruled out: `method`, `display_name`, `constraint` (memory / serving / multi-adapter / quantization / architecture), `reason` |
+    | `goal_weights` | object | the utility's weights for the request's goal: `quality`, `memory`, `speed`, `size` |
+    | `uncertainty` | [str] | for each group of top candidates whose quality intervals overlap: which, and what would settle it |
+    | `probes` | [object] | every probe run for this recommendation (the `ranked[].probe` keys plus `method`); empty when nothing was probed |
     | `best` | str \| null | method key of ranked[0] |
     | `runner_up` | str \| null | method key of ranked[1] |
     | `peft_snippet` | str \| null | Python that sets up the best candidate; null when nothing is ranked |
@@ -273,6 +302,9 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
         "verdict": rec.verdict,
         "ranked": [ranked_to_dict(ranked, position, vram_gib) for position, ranked in enumerate(rec.ranked, 1)],
         "excluded": [exclusion_to_dict(exclusion) for exclusion in rec.excluded],
+        "goal_weights": json_safe(dict(rec.goal_weights)),
+        "uncertainty": list(rec.uncertainty),
+        "probes": [{"method": probe.method, **(probe_to_dict(probe) or {})} for probe in rec.probes],
         "best": best.method if best else None,
         "runner_up": runner_up.method if runner_up else None,
         "peft_snippet": peft_snippet(best, model_id_of(rec), rec.request.quant) if best else None,

@@ -37,6 +37,7 @@ def recorded_calls(monkeypatch) -> list[dict]:
     def fake_recommend(model, **kwargs):
         progress = kwargs.pop("progress")  # the CLI hands its spinner to the library's progress callback
         progress("estimating memory of rsLoRA (1/3)")
+        assert kwargs.pop("workers") >= 1  # the CLI estimates in parallel, one process per core (at most 4)
         calls.append({"model": model, **kwargs})
         return sample_recommendation(vram_gib=kwargs.get("vram_gb") or 8.0)
 
@@ -144,8 +145,21 @@ def test_json_output_is_clean_and_has_the_documented_keys(runner: CliRunner, rec
     assert data["best"] == "rslora" and data["verdict"] == VERDICT
     assert recorded_calls == [{
         "model": "smollm2-135m", "vram_gb": 8.0, "serve": "sglang", "multi_adapter": True, "quant": "4bit",
-        "goal": "memory", "seq_len": 512, "batch_size": 8,
+        "goal": "memory", "seq_len": 512, "batch_size": 8, "probe": None, "probe_steps": 10, "data": None,
     }]
+
+
+def test_probe_options_are_passed_to_the_recommender(runner: CliRunner, recorded_calls):
+    result = runner.invoke(app, ["--model", "smollm2-135m", "--vram", "8", "--no-probe", "--probe-steps", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    assert (recorded_calls[0]["probe"], recorded_calls[0]["probe_steps"]) == (False, 5)
+
+
+def test_probe_steps_below_two_is_one_line_exit_2(runner: CliRunner, recorded_calls):
+    result = runner.invoke(app, ["--model", "smollm2-135m", "--vram", "8", "--probe-steps", "1"])
+    assert result.exit_code == 2
+    assert "--probe-steps must be at least 2" in _one_error_line(result)
+    assert recorded_calls == []
 
 
 def test_methods_option_restricts_the_catalogue(runner: CliRunner, recorded_calls):

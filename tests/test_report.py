@@ -41,7 +41,7 @@ EXCLUSION_REASON = "vLLM loads only LoRA adapters; OFT would have to be merged, 
 
 TOP_LEVEL_KEYS = {
     "schema_version", "peftpick_version", "request", "architecture", "gpu", "assumptions", "verdict", "ranked",
-    "excluded", "best", "runner_up", "peft_snippet",
+    "excluded", "best", "runner_up", "peft_snippet", "goal_weights", "uncertainty", "probes",
 }
 REQUEST_KEYS = {"model", "vram_gib", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size", "vram_source"}
 ARCHITECTURE_KEYS = {
@@ -51,7 +51,7 @@ ARCHITECTURE_KEYS = {
 RANKED_KEYS = {
     "rank", "method", "display_name", "peft_type", "peft_config_class", "settings", "benchmark_run",
     "trainable_params", "total_params", "adapter_bytes", "memory", "plan", "evidence", "serving", "probe", "score",
-    "reason", "prefer_when", "notes",
+    "reason", "prefer_when", "notes", "quality", "speed", "pareto", "dominated_by", "flags",
 }
 SETTINGS_KEYS = {"rank", "alpha", "target_modules", "learning_rate", "optimizer", "other_kwargs"}
 MEMORY_KEYS = {

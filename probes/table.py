@@ -1,0 +1,114 @@
+"""Probe results for people: the table `peftpick probe` prints, and the JSON document of `--json`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from peftpick.probes.results import result_to_dict
+from peftpick.types import GIB, ProbeResult
+
+JSON_SCHEMA_VERSION = 1
+
+
+def probes_document(model: str, results: Sequence[ProbeResult], interrupted: bool = False) -> dict[str, Any]:
+    """What `peftpick probe --json` prints: stable keys, one entry per probe (see result_to_dict)."""
+    return {"schema_version": JSON_SCHEMA_VERSION, "model": model, "interrupted": interrupted,
+            "results": [result_to_dict(result) for result in results]}
+
+
+def _gib(n_bytes: int | None) -> str:
+    return "-" if n_bytes is None else f"{n_bytes / GIB:.2f}"
+
+
+def _setting(result: ProbeResult) -> str:
+    shape = result.shape
+    words = f"{shape.batch_size}x{shape.seq_len}"
+    if shape.gradient_accumulation > 1:
+        words += f" acc{shape.gradient_accumulation}"
+    if shape.gradient_checkpointing:
+        words += " ckpt"
+    return words
+
+
+def _loss(result: ProbeResult) -> str:
+    if not result.losses:
+        return "-"
+    if not all(math.isfinite(value) for value in result.losses):
+        return "diverged"
+    return f"{result.losses[0]:.2f} -> {result.losses[-1]:.2f}"
+
+
+def _slope(result: ProbeResult) -> str:
+    if result.loss_slope is None:
+        return "-"
+    if result.loss_slope_stderr is None:
+        return f"{result.loss_slope:+.2g}"
+    return f"{result.loss_slope:+.2g} ± {result.loss_slope_stderr:.1g}"
+
+
+def _status(result: ProbeResult) -> str:
+    words = {"ok": "ok", "oom": "does not fit", "error": "error"}[result.status]
+    return words + (", cached" if result.from_cache else "")
+
+
+def print_probe_table(model: str, results: Sequence[ProbeResult], console: Any) -> None:
+    """A rich table of the measurements, then where they come from and what went wrong. Memory columns appear
+    when some probe measured memory (not on the CPU)."""
+    from rich import box
+    from rich.table import Table
+
+    measured_on = sorted({r.device for r in results if r.versions})
+    title = f"Probes of {model}" + (f", measured on {', '.join(measured_on)}" if measured_on else "")
+    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
+    memory = any(r.peak_allocated_bytes is not None for r in results)
+    columns = [("Method", "left"), ("Status", "left"), ("Setting", "left")]
+    if memory:
+        columns += [("Peak alloc GiB", "right"), ("Peak reserved GiB", "right"), ("NVML GiB", "right")]
+    columns += [("Tokens/s", "right"), ("Loss", "right"), ("Slope/step ± s.e.", "right")]
+    for header, justify in columns:  # cells fold rather than being cut off when the terminal is narrow
+        table.add_column(header, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for result in results:
+        cells = [result.display_name or result.method, _status(result), _setting(result)]
+        if memory:
+            cells += [_gib(result.peak_allocated_bytes), _gib(result.peak_reserved_bytes),
+                      _gib(result.nvml_used_bytes)]
+        cells += ["-" if result.tokens_per_second is None else f"{result.tokens_per_second:,.0f}",
+                  _loss(result), _slope(result)]
+        table.add_row(*cells)
+    console.print(table)
+    for line in footnotes(results):
+        console.print(line, highlight=False, markup=False)
+
+
+def footnotes(results: Sequence[ProbeResult]) -> list[str]:
+    """Where the figures come from, what the probes trained on, and every error, one line each."""
+    lines = []
+    if any(r.device == "cpu" and r.status == "ok" for r in results):
+        lines.append("Memory: not measured on the CPU (speed and loss only); probe on a CUDA GPU for memory figures.")
+    versions = next((r.versions for r in results if r.versions), None)
+    if versions:
+        lines.append("Versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()))
+    data = next((r.data for r in results if r.data), "")
+    if data:
+        lines.append(f"Data: {data}; every batch packed to the full sequence length (the worst case for memory).")
+    for note in dict.fromkeys(note for r in results for note in r.notes):
+        lines.append(f"Note: {note}")
+    timed = [r for r in results if r.wall_seconds is not None and not r.from_cache]
+    if timed:
+        lines.append("Wall time: " + ", ".join(f"{r.display_name or r.method} {r.wall_seconds:.1f} s" for r in timed)
+                     + " (worker start-up included)")
+    cached = sum(r.from_cache for r in results)
+    if cached:
+        lines.append(f"{cached} of {len(results)} result(s) came from the probe cache (--no-cache measures again).")
+    for r in results:
+        name = r.display_name or r.method
+        if r.oom_settings and r.status == "ok":
+            lines.append(f"{name}: out of memory with {len(r.oom_settings)} costlier setting(s); the one shown fits.")
+        elif r.status == "oom":
+            lines.append(f"{name}: out of memory in every setting tried, down to micro-batch {r.shape.batch_size} "
+                         "with gradient checkpointing.")
+        elif r.status == "error":
+            lines.append(f"{name}: {r.error}")
+    return lines
