@@ -117,9 +117,10 @@ class Planner:
 
     def plan_all(self, candidates: list[Candidate], progress: Callable[[str], None] | None = None,
                  pool: WorkerPool | int = 1) -> dict[str, TrainingPlan | PeftpickError]:
-        """Plans for many candidates, estimated in rounds (every candidate's next setting at once, on the
-        pool's workers; an int starts a pool of that many). A candidate whose settings cannot be built or
-        traced maps to the PeftpickError saying why.
+        """Plans for many candidates, estimated on the pool's workers (an int starts a pool of that many). Each
+        candidate's next, cheaper setting is submitted as soon as its last estimate is known, so one slow method
+        never holds the others back. A candidate whose settings cannot be built or traced maps to the
+        PeftpickError saying why.
 
         When the first candidate (LoRA in the catalogue) does not fit without gradient checkpointing, the
         others start with it, and are estimated without it only where their checkpointed peak plus 70 % of
@@ -131,27 +132,29 @@ class Planner:
         with pool if isinstance(pool, WorkerPool) else WorkerPool(pool) as workers:
             plain_first, saving = self._checkpointing_saving(candidates, workers, progress)
             queues = {c.method: list(self.settings(can_checkpoint(c), plain_first)) for c in candidates}
-            by_method = {c.method: c for c in candidates}
             found: dict[str, TrainingPlan] = {}  # best plan so far
-            while queues:
-                todo = [(by_method[m], *queue.pop(0)) for m, queue in queues.items()]
-                for (candidate, micro, ckpt), outcome in zip(todo, self._estimate_many(todo, workers, progress)):
-                    method = candidate.method
-                    if isinstance(outcome, PeftpickError):
-                        result[method] = outcome
-                        queues.pop(method)
-                        continue
-                    plan = TrainingPlan(micro, outcome.shape.gradient_accumulation, ckpt, outcome,
-                                        fit_of(outcome, self.vram_gib))
-                    found[method] = _better(plan, found.get(method))
-                    if plan.fit != "fits":
-                        if not _may_fit(_fixed_bytes(outcome), self.vram_gib):
-                            queues[method] = []  # weights, gradients and optimizer state alone exceed the VRAM
-                        continue  # on to the next, cheaper setting (if any)
+            scheduler = _Scheduler(self, workers, progress)
+            for candidate in candidates:
+                scheduler.request(candidate, *queues[candidate.method].pop(0))
+            for candidate, micro, ckpt, outcome in scheduler.outcomes():
+                method = candidate.method
+                if isinstance(outcome, PeftpickError):
+                    result[method] = outcome
+                    continue
+                plan = TrainingPlan(micro, outcome.shape.gradient_accumulation, ckpt, outcome,
+                                    fit_of(outcome, self.vram_gib))
+                found[method] = _better(plan, found.get(method))
+                if plan.fit != "fits":
+                    if not _may_fit(_fixed_bytes(outcome), self.vram_gib):
+                        queues[method] = []  # weights, gradients and optimizer state alone exceed the VRAM
+                else:
                     worth_plain = (ckpt and micro == self.batch_size and not plain_first and saving is not None
                                    and _may_fit(outcome.peak_reserved_bytes + 0.7 * saving, self.vram_gib))
                     queues[method] = [(micro, False)] if worth_plain else []
-                queues = {m: q for m, q in queues.items() if q}
+                if queues[method]:
+                    # on to the next setting, ahead of candidates not started: a slow method's last estimate
+                    # then runs beside the others instead of after them
+                    scheduler.request(candidate, *queues[method].pop(0), first=True)
         for method, plan in found.items():
             result.setdefault(method, plan)
         return result
@@ -186,9 +189,54 @@ class Planner:
                             else dataclasses.replace(known, shape=self._shape(candidate, micro, ckpt)))
         return outcomes
 
+    def _known(self, key: tuple, candidate: Candidate, micro: int, ckpt: bool) -> MemoryEstimate | PeftpickError:
+        known = self._estimates[key]
+        return known if isinstance(known, PeftpickError) else dataclasses.replace(
+            known, shape=self._shape(candidate, micro, ckpt))
+
     def _shape(self, candidate: Candidate, micro: int, ckpt: bool) -> TrainingShape:
         return TrainingShape(batch_size=micro, seq_len=self.seq_len, gradient_checkpointing=ckpt,
                              gradient_accumulation=-(-self.batch_size // micro), optimizer=candidate.optimizer)
+
+
+class _Scheduler:
+    """Estimates requested one setting at a time, shared between candidates whose memory cannot differ, handed
+    back as they finish (in submission order when estimating in this process)."""
+
+    def __init__(self, planner: Planner, pool: WorkerPool, progress: Callable[[str], None] | None):
+        self.planner = planner
+        self.pool = pool
+        self.progress = progress
+        self.waiting: dict[tuple, list[tuple[Candidate, int, bool]]] = {}
+        self.ready: list[tuple[Candidate, int, bool, MemoryEstimate | PeftpickError]] = []
+
+    def request(self, candidate: Candidate, micro: int, ckpt: bool, first: bool = False) -> None:
+        planner = self.planner
+        key = (memory_signature(candidate), micro, ckpt)
+        if key in planner._estimates:
+            self.ready.append((candidate, micro, ckpt, planner._known(key, candidate, micro, ckpt)))
+        elif key in self.waiting:
+            self.waiting[key].append((candidate, micro, ckpt))
+        else:
+            self.waiting[key] = [(candidate, micro, ckpt)]
+            shape = planner._shape(candidate, micro, ckpt)
+            label = f"{candidate.display_name}, micro-batch {micro}{', checkpointing' if ckpt else ''}"
+            self.pool.submit(planner._estimator, (planner.arch, _traceable_config(candidate), shape), label, key,
+                             first)
+
+    def outcomes(self):
+        """(candidate, micro-batch, checkpointing, estimate or error) until nothing is requested any more; the
+        caller may request more while iterating."""
+        planner = self.planner
+        while self.ready or self.waiting:
+            if self.ready:
+                yield self.ready.pop(0)
+                continue
+            key, outcome = self.pool.next_completed(self.progress)
+            planner._estimates[key] = (outcome if isinstance(outcome, PeftpickError)
+                                       else quantized_base(outcome, planner.arch, planner.quant))
+            for candidate, micro, ckpt in self.waiting.pop(key):
+                self.ready.append((candidate, micro, ckpt, planner._known(key, candidate, micro, ckpt)))
 
 
 def can_checkpoint(candidate: Candidate) -> bool:
@@ -255,6 +303,8 @@ class WorkerPool:
     def __init__(self, workers: int = 1):
         self.workers = workers
         self._executor = None
+        self._submitted: list[tuple[Any, Any, str, Any]] = []  # in-process: (estimator, job, label, key) to run
+        self._futures: dict[Any, tuple[str, Any]] = {}  # workers: future -> (label, key)
 
     def __enter__(self) -> WorkerPool:
         import multiprocessing
@@ -270,6 +320,35 @@ class WorkerPool:
     def __exit__(self, *exc) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, estimator: Estimator, job, label: str, key: Any, first: bool = False) -> None:
+        """Queue one estimate (`first`: ahead of those queued); `next_completed` hands it back with `key`.
+        Workers get a job only when one is free, so a job queued `first` starts next."""
+        entry = (estimator, job, label, key)
+        self._submitted.insert(0, entry) if first else self._submitted.append(entry)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._executor is not None and self._submitted and len(self._futures) < self.workers:
+            estimator, job, label, key = self._submitted.pop(0)
+            self._futures[self._executor.submit(_guarded, estimator, job)] = (label, key)
+
+    def next_completed(self, progress: Callable[[str], None] | None) -> tuple[Any, MemoryEstimate | PeftpickError]:
+        """(key, outcome) of a submitted estimate: the first to finish on workers, the oldest in this process."""
+        if self._executor is None:
+            estimator, job, label, key = self._submitted.pop(0)
+            if progress:
+                progress(f"estimating {label}")
+            return key, _guarded(estimator, job)
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, _ = wait(self._futures, return_when=FIRST_COMPLETED)
+        future = min(done, key=lambda f: list(self._futures).index(f))  # ties: the oldest first
+        label, key = self._futures.pop(future)
+        self._dispatch()
+        if progress:
+            progress(f"estimated {label}")
+        return key, future.result()
 
     def map(self, estimator: Estimator, jobs: list, labels: list[str], progress: Callable[[str], None] | None,
             in_process: bool = False):
