@@ -172,7 +172,7 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
     return Recommendation(
         request=request,
         architecture=arch,
-        assumptions=_assumptions(request, arch, probes, gpu_name),
+        assumptions=_assumptions(request, arch, probes, gpu_name, probing.wanted),
         ranked=tuple(ranked),
         excluded=tuple(excluded),
         gpu=gpu_name,
@@ -442,11 +442,9 @@ def _with_runner_up_advice(ranked: list[RankedCandidate], assessed: list[Assesse
     return ranked
 
 
-def _assumptions(request: Request, arch, probes: tuple[ProbeResult, ...] = (), gpu_name: str | None = None
-                 ) -> tuple[str, ...]:
+def _assumptions(request: Request, arch, probes: tuple[ProbeResult, ...] = (), gpu_name: str | None = None,
+                 probe_wanted: bool | None = False) -> tuple[str, ...]:
     """What the figures rest on, beyond what the report states from the request itself."""
-    from peftpick.probes.device import detect_gpu
-
     weights = GOAL_WEIGHTS[request.goal]
     defaults = [name for name, value, default in (("--seq-len", request.seq_len, 768), ("--batch-size", request.batch_size, 4))
                 if value == default]
@@ -456,12 +454,12 @@ def _assumptions(request: Request, arch, probes: tuple[ProbeResult, ...] = (), g
     elif probes:
         memory = (f"probes ran on {probes[0].device}, which measures loss and speed, not GPU memory: memory figures "
                   "are estimates from tracing the training step on the meta device")
+    elif probe_wanted is None:  # automatic probing found no CUDA GPU that torch can use
+        memory = ("no CUDA GPU usable here, so nothing was probed: memory figures are estimates from tracing the "
+                  "training step on the meta device")
     else:
-        gpu = detect_gpu()
-        memory = ("no CUDA GPU found (NVML): memory figures are estimates from tracing the training step on the "
-                  "meta device" if gpu is None else
-                  f"GPU found: {gpu.name} ({gpu.total_gib:.1f} GiB); not probed (--no-probe): memory figures are "
-                  "estimates")
+        memory = ("not probed (--no-probe): memory figures are estimates from tracing the training step on the "
+                  "meta device")
     items = [
         f"base weights in {arch.dtype}" + ("" if request.quant is Quant.NONE else f", quantized to {request.quant.value} with bitsandbytes"),
         f"sequence length {request.seq_len} and effective batch {request.batch_size}"

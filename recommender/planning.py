@@ -164,30 +164,14 @@ class Planner:
         reference = next((c for c in candidates if can_checkpoint(c)), None)
         if reference is None:
             return True, None
-        plain, checkpointed = self._estimate_many(
-            [(reference, self.batch_size, False), (reference, self.batch_size, True)], pool, progress)
+        scheduler = _Scheduler(self, pool, progress)
+        scheduler.request(reference, self.batch_size, False)
+        scheduler.request(reference, self.batch_size, True)
+        outcomes = {ckpt: outcome for _, _, ckpt, outcome in scheduler.outcomes()}
+        plain, checkpointed = outcomes[False], outcomes[True]
         if isinstance(plain, PeftpickError) or isinstance(checkpointed, PeftpickError):
             return True, None
         return fit_of(plain, self.vram_gib) == "fits", plain.peak_reserved_bytes - checkpointed.peak_reserved_bytes
-
-    def _estimate_many(self, todo, pool, progress) -> list[MemoryEstimate | PeftpickError]:
-        """Estimates for (candidate, micro-batch, checkpointing) triples, reusing what is known."""
-        keys = [(memory_signature(c), m, k) for c, m, k in todo]
-        missing = {}
-        for (candidate, micro, ckpt), key in zip(todo, keys):
-            if key not in self._estimates and key not in missing:
-                missing[key] = (candidate, self._shape(candidate, micro, ckpt))
-        jobs = [(self.arch, _traceable_config(c), shape) for c, shape in missing.values()]
-        labels = [f"{c.display_name}, micro-batch {s.batch_size}{', checkpointing' if s.gradient_checkpointing else ''}"
-                  for c, s in missing.values()]
-        for key, label, outcome in zip(missing, labels, pool.map(self._estimator, jobs, labels, progress)):
-            self._estimates[key] = outcome if isinstance(outcome, PeftpickError) else quantized_base(outcome, self.arch, self.quant)
-        outcomes = []
-        for (candidate, micro, ckpt), key in zip(todo, keys):
-            known = self._estimates[key]
-            outcomes.append(known if isinstance(known, PeftpickError)
-                            else dataclasses.replace(known, shape=self._shape(candidate, micro, ckpt)))
-        return outcomes
 
     def _known(self, key: tuple, candidate: Candidate, micro: int, ckpt: bool) -> MemoryEstimate | PeftpickError:
         known = self._estimates[key]
@@ -350,19 +334,5 @@ class WorkerPool:
             progress(f"estimated {label}")
         return key, future.result()
 
-    def map(self, estimator: Estimator, jobs: list, labels: list[str], progress: Callable[[str], None] | None,
-            in_process: bool = False):
-        if self._executor is None or in_process or len(jobs) < 2:
-            for job, label in zip(jobs, labels):
-                if progress:
-                    progress(f"estimating {label}")
-                yield _guarded(estimator, job)
-            return
-        futures = [self._executor.submit(_guarded, estimator, job) for job in jobs]
-        for future, label in zip(futures, labels):
-            outcome = future.result()
-            if progress:
-                progress(f"estimated {label}")
-            yield outcome
 
 
