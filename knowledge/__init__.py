@@ -15,7 +15,7 @@ from peftpick.errors import PeftpickError
 from peftpick.knowledge.architectures import Registry, load_registry
 from peftpick.knowledge.benchmarks import LORA_REFERENCE, BenchmarkTable
 from peftpick.knowledge.capabilities import MethodCapabilities, load_capabilities
-from peftpick.knowledge.serving import NO_STACK, ServingStack, load_serving, serving_verdict
+from peftpick.knowledge.serving import NO_STACK, LaunchArgs, ServingStack, installed_version, load_serving, serving_verdict
 from peftpick.types import Candidate, Serve, ServingVerdict
 
 
@@ -60,10 +60,12 @@ class KnowledgeBase:
                 f"use one of {', '.join([*sorted(self.serving), NO_STACK])}",
             ) from None
 
-    def serving_verdict(self, serve: Serve | str | None, candidate: Candidate, multi_adapter: bool) -> ServingVerdict:
+    def serving_verdict(self, serve: Serve | str | None, candidate: Candidate, multi_adapter: bool,
+                        installed: str | None = None, launch_args: LaunchArgs = LaunchArgs(),
+                        unmergeable: str | None = None) -> ServingVerdict:
         """`serving.serving_verdict` with the stack and the candidate's capabilities looked up here."""
         caps = self.capabilities_of(candidate.peft_type) if candidate.peft_type is not None else None
-        return serving_verdict(self.stack(serve), candidate, caps, multi_adapter)
+        return serving_verdict(self.stack(serve), candidate, caps, multi_adapter, installed, launch_args, unmergeable)
 
 
 __all__ = [
@@ -72,6 +74,8 @@ __all__ = [
     "KnowledgeBase",
     "MethodCapabilities",
     "Registry",
+    "LaunchArgs",
     "ServingStack",
+    "installed_version",
     "serving_verdict",
 ]

@@ -204,9 +204,21 @@ ServingRoute = Literal["native", "merge", "convert", "cannot", "not needed"]
 
 @dataclass(frozen=True)
 class ServingVerdict:
+    """How a candidate (or a saved adapter) gets served on one stack.
+
+    `launch` holds the command lines that serve the result (after the conversion or merge the route names);
+    `conversion` names the conversion a "convert" route needs ("initial-model": PEFT's
+    path_initial_model_for_weight_conversion, exact; "rescale": each module's scale baked into lora_B, exact; "svd": approximate) and
+    `rank_after` the rank of the adapter it writes; `versions` says which engine version the facts are for.
+    """
+
     route: ServingRoute
     reason: str
     source: str = ""
+    launch: tuple[str, ...] = ()
+    conversion: str | None = None
+    rank_after: int | None = None
+    versions: str = ""
 
 
 @dataclass(frozen=True)

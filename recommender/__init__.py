@@ -108,9 +108,10 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
         raise PeftpickError(f"no method in the catalogue can be applied to {arch.name}", "check `peftpick models` and --methods")
 
     planner = Planner(arch, request.vram_gib, request.batch_size, request.seq_len, request.quant)
+    serving = _ServingJudge(kb, request, arch)
     allowed = []
     for candidate in candidates:
-        verdict = _constraint_violation(candidate, request, kb)
+        verdict = _constraint_violation(candidate, request, kb, serving)
         if verdict is None:
             allowed.append(candidate)
         else:
@@ -140,7 +141,7 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
         quality = assessor.assess(candidate, arch, estimate.trainable_params or None, estimate.total_params or None,
                                   losses, reference_losses)
         speed, speed_source, measured = _speed(candidate, probe, reference, lora_speeds)
-        return Assessed(candidate, plan, kb.serving_verdict(request.serve, candidate, request.multi_adapter),
+        return Assessed(candidate, plan, serving(candidate),
                         _evidence(candidate, kb), quality, speed, speed_source, full_model_bytes, probe, measured)
 
     assessed = [assess(candidate, plan) for candidate, plan in kept]
@@ -321,7 +322,25 @@ def default_workers() -> int:
 # ------------------------------------------------------------------------------------ hard constraints
 
 
-def _constraint_violation(candidate: Candidate, request: Request, kb) -> Exclusion | None:
+class _ServingJudge:
+    """Serving verdicts for one request: the stack's installed version is looked up once."""
+
+    def __init__(self, kb, request: Request, arch=None):
+        from peftpick.knowledge.serving import LaunchArgs, installed_version
+
+        self._kb, self._request = kb, request
+        stack = kb.stack(request.serve)
+        self.installed = installed_version(stack) if stack is not None else None
+        named = (arch.local_path or arch.hub_id) if arch is not None else None
+        self._launch = LaunchArgs(base=named or request.model)
+
+    def __call__(self, candidate: Candidate):
+        return self._kb.serving_verdict(self._request.serve, candidate, self._request.multi_adapter,
+                                        self.installed, self._launch)
+
+
+def _constraint_violation(candidate: Candidate, request: Request, kb,
+                          serving: _ServingJudge | None = None) -> Exclusion | None:
     label = candidate.display_name
     if request.quant is not Quant.NONE:
         if candidate.peft_type is None:
@@ -334,7 +353,7 @@ def _constraint_violation(candidate: Candidate, request: Request, kb) -> Exclusi
             return Exclusion(candidate.method, label, "quantization",
                              f"{label}: PEFT has no bitsandbytes {request.quant.value} support for "
                              f"{candidate.peft_type} layers; drop --quant or pick LoRA, OFT, IA3 or VeRA")
-    verdict = kb.serving_verdict(request.serve, candidate, request.multi_adapter)
+    verdict = (serving or _ServingJudge(kb, request))(candidate)
     if verdict.route == "cannot":
         constraint = "multi-adapter" if request.multi_adapter else "serving"
         return Exclusion(candidate.method, label, constraint, verdict.reason)

@@ -198,8 +198,13 @@ def _recommendation_blocks(rec: Recommendation) -> list[Block]:
             f"GiB allocated ({memory_source(estimate)}); {fit_cell(best, vram)} on {vram:g} GiB."
         ),
         Paragraph(f"{serve_label(rec).capitalize()}: {serving_cell(best.serving)}"
-                  + (f" [source: {best.serving.source}]" if best.serving.source else "")),
+                  + (f" [source: {best.serving.source}]" if best.serving.source else "")
+                  + (f" [facts for {best.serving.versions}]" if best.serving.versions else "")),
     ]
+    if best.serving.launch:
+        after = {"convert": " (after the conversion)", "merge": " (after merging)"}.get(best.serving.route, "")
+        blocks.append(Paragraph(f"Serve it{after}:"))
+        blocks.append(Code("\n".join(best.serving.launch) + "\n", language="bash"))
     if best.prefer_when:
         blocks.append(Paragraph(f"Prefer it when {best.prefer_when}"))
     blocks.append(Code(peft_snippet(best, model_id_of(rec), rec.request.quant)))

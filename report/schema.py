@@ -220,7 +220,9 @@ def ranked_to_dict(ranked: RankedCandidate, position: int, vram_gib: float) -> d
             "dtype": estimate.shape.dtype,
         },
         "evidence": evidence_to_dict(ranked.evidence),
-        "serving": {"route": ranked.serving.route, "reason": ranked.serving.reason, "source": ranked.serving.source},
+        "serving": {"route": ranked.serving.route, "reason": ranked.serving.reason, "source": ranked.serving.source,
+                    "launch": list(ranked.serving.launch), "conversion": ranked.serving.conversion,
+                    "rank_after": ranked.serving.rank_after, "versions": ranked.serving.versions},
         "probe": probe_to_dict(ranked.probe),
         "quality": quality_to_dict(ranked.quality),
         "speed": {"relative_to_lora": json_safe(ranked.relative_speed), "source": ranked.speed_source},
@@ -269,7 +271,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
     | `ranked[].memory` | object | `peak_allocated_bytes`, `peak_reserved_bytes` (the figure that must fit), `peak_allocated_gib`, `peak_reserved_gib`, `breakdown` (bytes allocated at the peak by part: `weights`, `adapter`, `grads`, `optimizer`, `activations`, `logits/loss`, `overhead`), `source` ("estimated" or "measured on <GPU>"), `fit` ("fits" / "marginal" / "does not fit"), `margin_gib` (VRAM minus peak reserved; negative = short), `assumptions` |
     | `ranked[].plan` | object | `micro_batch`, `gradient_accumulation`, `effective_batch`, `gradient_checkpointing`, `dtype` |
     | `ranked[].evidence` | object \| null | `benchmark`, `experiment`, `metric`, `score`, `lora_score`, `relative_to_lora` (score / LoRA reference score), `lora_experiment`, `model` (the benchmark's base model), `gpu`, `source_commit`; null without a benchmark run |
-    | `ranked[].serving` | object | `route` ("native" / "merge" / "convert" / "cannot" / "not needed"), `reason`, `source` |
+    | `ranked[].serving` | object | `route` ("native" / "merge" / "convert" / "cannot" / "not needed"), `reason`, `source`, `launch` (command lines that serve the result), `conversion` ("initial-model" / "rescale" / "svd" / null), `rank_after` (rank of the converted adapter), `versions` (which engine version the facts are for) |
     | `ranked[].probe` | object \| null | micro-training measurement when one was run: `status`, `device`, `peak_allocated_bytes`, `peak_reserved_bytes`, `nvml_used_bytes`, `tokens_per_second`, `step_seconds`, `losses`, `loss_slope`, `loss_slope_stderr`, `wall_seconds`, `error`, `from_cache` |
     | `ranked[].quality` | object \| null | expected quality: `relative_to_lora` (score / plain LoRA's; 1.0 = LoRA), `low`, `high` (interval), `level` (its intended coverage, 0.8), `source` ("benchmark run" or "model"), `used_probe` (the user's probe losses went into it), `non_learning` (why the probe loss does not fall; null when it does or nothing was probed), `basis` (one sentence: where the figure comes from) |
     | `ranked[].speed` | object | `relative_to_lora` (training steps per second relative to plain LoRA, with the plan's checkpointing; null when unknown), `source` ("benchmark <run>" or "measured on <GPU>") |

@@ -1,7 +1,8 @@
 """Copy-paste Python that sets up the recommended candidate: PEFT config, model, optimizer, batch settings.
 
-The snippet is plain Python with three marked sections (`# --- adapter ---`, `# --- model ---`,
-`# --- training ---`); the adapter section runs on its own with peft installed, the rest needs the model.
+The snippet is plain Python with four marked sections (`# --- adapter ---`, `# --- model ---`,
+`# --- training ---`, `# --- after training ---`: how to save the result so that the report's serving route
+applies); the adapter section runs on its own with peft installed, the rest needs the model.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from peftpick.types import Quant, RankedCandidate
 ADAPTER_SECTION = "# --- adapter ---"
 MODEL_SECTION = "# --- model ---"
 TRAINING_SECTION = "# --- training ---"
+SAVE_SECTION = "# --- after training ---"
 MODEL_PLACEHOLDER = "path/or/hub-id-of-your-model"
 _TASK_TYPE = "CAUSAL_LM"
 
@@ -146,6 +148,15 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
                 f"{plan.gradient_checkpointing}{kwargs})"
             )
         lines += ["model = get_peft_model(model, peft_config)", "model.print_trainable_parameters()"]
+        if ranked.serving.conversion == "initial-model":
+            init = candidate.peft_kwargs.get("init_lora_weights")
+            lines += [
+                f"# {candidate.display_name} rewrites the base weights: keep the adapter as initialised, so that the trained",
+                "# one can be saved as a plain LoRA adapter for the original base (see the end)",
+                'model.peft_config["default"].init_lora_weights = True',
+                'model.save_pretrained("adapter-init")',
+                f'model.peft_config["default"].init_lora_weights = {python_literal(init)}',
+            ]
 
     lines += [
         "",
@@ -180,7 +191,27 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
         *(f"#     {argument}," for argument in trainer_args),
         "# )",
     ]
-    if ranked.serving.route in ("merge", "convert"):
-        how = "model.merge_and_unload()" if ranked.serving.route == "merge" else "peft.save_as_lora (or see the report)"
-        lines.append(f"# serving: {ranked.serving.route} before serving ({how})")
+    lines += ["", SAVE_SECTION, *_save_lines(ranked)]
     return "\n".join(lines) + "\n"
+
+
+def _save_lines(ranked: RankedCandidate) -> list[str]:
+    """How to save the trained result so that the serving route of the report applies."""
+    serving, candidate = ranked.serving, ranked.candidate
+    if candidate.peft_config_class is None:
+        return ['model.save_pretrained("fine-tuned-model")  # a whole model: serve the folder as it is']
+    if serving.conversion == "initial-model":
+        return [f"# a plain LoRA adapter of rank {serving.rank_after} on the original base (PEFT subtracts the initial "
+                "adapter; exact)",
+                'model.save_pretrained("adapter", path_initial_model_for_weight_conversion="adapter-init")']
+    lines = ['model.save_pretrained("adapter")']
+    if serving.conversion == "rescale":
+        lines.append("# then, for this stack: peftpick convert adapter --to lora -o adapter-lora  (exact: the scale "
+                     "baked into lora_B)")
+    elif serving.conversion == "svd":
+        lines.append("# then, for this stack: peftpick convert adapter --to lora --rank R --base MODEL -o "
+                     "adapter-lora  (approximate; it prints the error per layer)")
+    elif serving.route == "merge":
+        lines.append("# then, for this stack: peftpick merge adapter --base MODEL -o merged-model  (PEFT "
+                     "merge_and_unload; serve the merged folder)")
+    return lines

