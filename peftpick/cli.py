@@ -464,6 +464,152 @@ def probe_command(
             raise typer.Exit(1)  # nothing could be measured; the table says why
 
 
+# ------------------------------------------------------------------------------------------ adapters
+
+EXIT_DOES_NOT_LOAD = 1
+
+
+def _progress_on_stderr() -> Callable[[str], None]:
+    """Progress lines on stderr (stdout stays the result, or parseable JSON)."""
+    return lambda message: typer.echo(f"... {message}", err=True)
+
+
+@app.command("check")
+def check_command(
+    adapter: Annotated[Path, typer.Argument(help="The adapter folder (adapter_config.json + adapter_model.safetensors).",
+                                            show_default=False)],
+    serve: Annotated[str, typer.Option("--serve", help=f"The serving stack: {', '.join(s.value for s in Serve if s is not Serve.NONE)}.")]
+        = Serve.VLLM.value,
+    multi_adapter: Annotated[bool, typer.Option(
+        "--multi-adapter", help="Several adapters are served over one base: only what loads as it is counts.")]
+        = False,
+    base: Annotated[Optional[str], typer.Option(
+        "--base", help="The base model (folder, hub id or bundled name): also check the tensors against it.",
+        show_default=False)] = None,
+    engine: Annotated[bool, typer.Option(
+        "--engine/--no-engine", help="Also run the engine's own validation when it is installed here (vLLM).")]
+        = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON only.")] = False,
+) -> None:
+    """Say whether a serving stack loads a saved adapter as it is (exit 0), or what to do instead (exit 1)."""
+    with _handled_errors():
+        serve = _choice(serve, Serve, "--serve")
+        if serve == Serve.NONE.value:
+            raise PeftpickError("--serve none names no stack to check against",
+                                f"pass one of {', '.join(s.value for s in Serve if s is not Serve.NONE)}")
+        from peftpick.adapters.check import check_adapter
+        from peftpick.report.adapters import check_lines, check_to_dict
+
+        result = check_adapter(adapter, serve, multi_adapter=multi_adapter, base=base, run_engine=engine)
+        if json_output:
+            typer.echo(json.dumps(check_to_dict(result), indent=2, allow_nan=False))
+        else:
+            for line in check_lines(result):
+                typer.echo(line)
+    if not result.loads_as_is:
+        raise typer.Exit(EXIT_DOES_NOT_LOAD)
+
+
+@app.command("convert")
+def convert_command(
+    adapter: Annotated[Path, typer.Argument(help="The adapter folder to convert.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="New folder for the converted LoRA adapter.",
+                                         show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="The target format: lora (PEFT LoRA).")] = "lora",
+    rank: Annotated[Optional[int], typer.Option(
+        "--rank", help="Rank of the converted adapter (SVD conversions; compresses exact ones further).",
+        show_default=False)] = None,
+    energy: Annotated[Optional[float], typer.Option(
+        "--energy", help="Keep this share of each layer's squared singular values instead of a fixed rank, e.g. 0.99.",
+        show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option(
+        "--base", help="The base model (folder with weights, or a hub id in the cache); default: the adapter's "
+        "base_model_name_or_path when it is a local folder.", show_default=False)] = None,
+    initial_adapter: Annotated[Optional[Path], typer.Option(
+        "--initial-adapter", help="PiSSA / OLoRA / CorDA: the adapter saved before training (else recomputed "
+        "from the base weights where that is exact).", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", help="dtype to load the base in: bfloat16, float16 or float32 (default: the checkpoint's; PiSSA / "
+        "OLoRA: the dtype the adapter was trained in).", show_default=False)] = None,
+    serve: Annotated[str, typer.Option("--serve", help="The stack whose launch flags to print for the result.")]
+        = Serve.VLLM.value,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
+) -> None:
+    """Convert an adapter into a plain LoRA adapter that a serving stack loads, with the error it costs."""
+    with _handled_errors():
+        if to.strip().lower() != "lora":
+            raise PeftpickError(f"--to {to} is not a format peftpick writes", "use --to lora")
+        _check_dtype(dtype)
+        serve = _choice(serve, Serve, "--serve")
+        from peftpick.adapters.convert import convert_adapter
+        from peftpick.report.adapters import conversion_lines, conversion_to_dict
+
+        result = convert_adapter(adapter, output, rank=rank, energy=energy, base=base, dtype=dtype,
+                                 initial_adapter=initial_adapter, progress=_progress_on_stderr())
+        launch = _launch_after(result.output, serve, base)
+        if json_output:
+            typer.echo(json.dumps(conversion_to_dict(result, launch), indent=2, allow_nan=False))
+        else:
+            for line in conversion_lines(result, launch):
+                typer.echo(line)
+
+
+@app.command("merge")
+def merge_command(
+    adapter: Annotated[Path, typer.Argument(help="The adapter folder to merge.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="New folder for the merged model.",
+                                         show_default=False)],
+    base: Annotated[Optional[str], typer.Option(
+        "--base", help="The base model (folder with weights, or a hub id in the cache); default: the adapter's "
+        "base_model_name_or_path when it is a local folder.", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", help="dtype of the merged weights: bfloat16, float16 or float32 (default: the base's).",
+        show_default=False)] = None,
+    serve: Annotated[str, typer.Option("--serve", help="The stack whose launch command to print.")]
+        = Serve.VLLM.value,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
+) -> None:
+    """Merge an adapter into its base model (merge_and_unload) and save the merged model as safetensors."""
+    with _handled_errors():
+        serve = _choice(serve, Serve, "--serve")
+        _check_dtype(dtype)
+        from peftpick.adapters.merge import merge_adapter
+        from peftpick.report.adapters import merge_lines, merge_to_dict
+
+        result = merge_adapter(adapter, base, output, dtype=dtype, progress=_progress_on_stderr())
+        launch = _model_launch(result.output, serve)
+        if json_output:
+            typer.echo(json.dumps(merge_to_dict(result, launch), indent=2, allow_nan=False))
+        else:
+            for line in merge_lines(result, launch):
+                typer.echo(line)
+
+
+def _check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
+        raise PeftpickError(f"unknown --dtype {dtype!r}", "use bfloat16, float16 or float32")
+
+
+def _launch_after(folder: Path, serve: str, base: str | None) -> tuple[str, ...]:
+    """Launch commands for a converted adapter (peftpick's own check of the result)."""
+    if serve == Serve.NONE.value:
+        return ()
+    from peftpick.adapters.check import check_adapter
+
+    result = check_adapter(folder, serve, base=base, run_engine=False)
+    return result.verdict.launch if result.loads_as_is else result.fix
+
+
+def _model_launch(folder: Path, serve: str) -> tuple[str, ...]:
+    """The stack's command for a plain model folder."""
+    if serve == Serve.NONE.value:
+        return ()
+    from peftpick.knowledge import KnowledgeBase
+    from peftpick.knowledge.serving import model_launch
+
+    return model_launch(KnowledgeBase.load().stack(serve), str(folder))
+
+
 # ------------------------------------------------------------------------------------------------ entry
 
 

