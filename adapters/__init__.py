@@ -4,8 +4,9 @@
 `convert_adapter` and `merge_adapter` carry out the "convert" and "merge" routes with PEFT's own tools.
 """
 
-from peftpick.adapters.convert import Conversion, LayerConversion, convert_adapter, method_label
+from peftpick.adapters.convert import Conversion, LayerConversion, convert_adapter, export_adapter, method_label
 from peftpick.adapters.files import SavedAdapter, TensorInfo, read_adapter, read_adapter_config
+from peftpick.adapters.formats import WrittenAdapter, to_diffusers_format, to_kohya_format
 from peftpick.adapters.merge import Merge, merge_adapter
 
 __all__ = [
@@ -14,9 +15,13 @@ __all__ = [
     "Merge",
     "SavedAdapter",
     "TensorInfo",
+    "WrittenAdapter",
     "convert_adapter",
+    "export_adapter",
     "merge_adapter",
     "method_label",
     "read_adapter",
     "read_adapter_config",
+    "to_diffusers_format",
+    "to_kohya_format",
 ]

@@ -44,6 +44,14 @@ class AdapterCheck:
     target_modules: tuple[str, ...] = field(default_factory=tuple)
 
 
+def _leaf_name(path: str) -> str:
+    """A module's name without its block path: "transformer_blocks.0.attn.to_out.0" -> "to_out.0" (a layer that
+    sits in a ModuleList keeps its list's name, as PEFT target names do)."""
+    parts = path.split(".")
+    keep = 2 if len(parts) > 1 and parts[-1].isdigit() else 1
+    return ".".join(parts[-keep:])
+
+
 def adapter_candidate(adapter: SavedAdapter) -> Candidate:
     """The adapter as a Candidate: its config's settings, with targets and rank as the tensors show them."""
     from peftpick.methods import METHODS
@@ -51,7 +59,7 @@ def adapter_candidate(adapter: SavedAdapter) -> Candidate:
     kwargs = {key: value for key, value in adapter.config.items() if key not in _BOOKKEEPING}
     modules = adapter_modules(adapter)
     if modules:
-        kwargs["target_modules"] = sorted({module.rsplit(".", 1)[-1] for module in modules})
+        kwargs["target_modules"] = sorted({_leaf_name(module) for module in modules})
     ranks = adapter.lora_ranks()
     if ranks:
         kwargs["r"] = max(ranks.values())
@@ -95,9 +103,9 @@ def _check_consistency(adapter: SavedAdapter) -> list[str]:
 
 def _base_modules(arch: Any) -> dict[str, Any]:
     """Module path -> module of `arch`, built on the meta device (no memory)."""
-    from peftpick.knowledge.architectures import build_model
+    from peftpick.workloads import workload_of
 
-    return dict(build_model(arch, device="meta").named_modules())
+    return dict(workload_of(arch).hook("build_model")(arch, device="meta").named_modules())
 
 
 def _architecture_problems(adapter: SavedAdapter, arch: Any, modules: Mapping[str, Any]) -> list[str]:
@@ -134,7 +142,7 @@ def _unmergeable(adapter: SavedAdapter, arch: Any, modules: Mapping[str, Any]) -
     the base layer (PEFT: "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias")."""
     if adapter.peft_type != "LORA" or not adapter.config.get("lora_bias"):
         return None
-    without = sorted({path.rsplit(".", 1)[-1] for path in adapter_modules(adapter)
+    without = sorted({_leaf_name(path) for path in adapter_modules(adapter)
                       if path in modules and getattr(modules[path], "bias", None) is None})
     if not without:
         return None
@@ -167,6 +175,7 @@ def check_adapter(path: Path | str, serve: str, *, multi_adapter: bool = False, 
     PeftpickError. `run_engine`: also run the engine's own validation when the engine is installed here.
     """
     from peftpick.knowledge import KnowledgeBase
+    from peftpick.knowledge import ImageLaunchArgs, ImageTool
     from peftpick.knowledge.serving import LaunchArgs, installed_version
 
     kb = kb or KnowledgeBase.load()
@@ -193,14 +202,28 @@ def check_adapter(path: Path | str, serve: str, *, multi_adapter: bool = False, 
     unmergeable = _unmergeable(adapter, arch, modules) if arch is not None else None
     installed = installed_version(stack)
     base_words = base or adapter.base_model or "BASE_MODEL"
-    launch_args = LaunchArgs(base=base_words, adapter=str(adapter.path), name=_adapter_name(adapter.path))
+    family = None
+    if isinstance(stack, ImageTool):
+        if arch is None or arch.denoiser is None:
+            raise PeftpickError(f"{stack.display_name} loads image-model adapters, and the base of {adapter.path} is "
+                                "not known to be one", "pass --base with the diffusion model it was trained on")
+        denoiser = arch.denoiser
+        family = denoiser.family
+        launch_args = ImageLaunchArgs(base=base_words, adapter=str(adapter.path), name=_adapter_name(adapter.path),
+                                      pipeline=denoiser.pipeline_class or "DiffusionPipeline",
+                                      denoiser_class=denoiser.diffusers_class,
+                                      component="unet" if denoiser.diffusers_class.startswith("UNet") else "transformer")
+    else:
+        launch_args = LaunchArgs(base=base_words, adapter=str(adapter.path), name=_adapter_name(adapter.path))
     verdict = kb.serving_verdict(stack.name, candidate, multi_adapter, installed=installed, launch_args=launch_args,
-                                 unmergeable=unmergeable)
+                                 unmergeable=unmergeable, family=family)
     ours = verdict.route == "native"
     fix = _fix_commands(adapter, verdict, base_words, multi_adapter)
     base_dir = arch.local_path if arch is not None else None
-    rank_limit = stack.rank_limit_for(candidate.rank or 8) or stack.largest_rank or 8
-    engine = (validate_with_engine(stack.name, adapter, rank_limit, base_dir) if run_engine and installed else None)
+    engine = None
+    if run_engine and installed and not isinstance(stack, ImageTool):
+        rank_limit = stack.rank_limit_for(candidate.rank or 8) or stack.largest_rank or 8
+        engine = validate_with_engine(stack.name, adapter, rank_limit, base_dir)
     if engine is None:
         agreement, loads = "engine not run", ours
     elif engine.accepts == ours:
@@ -231,6 +254,15 @@ def _fix_commands(adapter: SavedAdapter, verdict: ServingVerdict, base: str, mul
     """The peftpick commands of the verdict's route, then the launch commands of their result."""
     source = str(adapter.path)
     out = f"{source.rstrip('/')}-{'lora' if verdict.route == 'convert' else 'merged'}"
+    image_format = next((fmt for fmt in ("kohya", "diffusers") if fmt in (verdict.conversion or "")), None)
+    if verdict.route == "convert" and image_format is not None:
+        steps = (verdict.conversion or "").split("+")
+        rank = " --rank R" if "svd" in steps else ""
+        target = f"{source.rstrip('/')}-{image_format}" + (".safetensors" if image_format == "kohya" else "")
+        first = f"peftpick convert {source} --format {image_format}{rank} --base {base} -o {target}"
+        # the tool's load step names the file the convert step writes
+        return (first, *(command.replace("CONVERTED_DIR", target).replace("ADAPTER.safetensors", target)
+                         for command in verdict.launch))
     if verdict.route == "convert":
         if verdict.conversion == "rescale":
             first = f"peftpick convert {source} --to lora -o {out}"

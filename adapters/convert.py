@@ -573,3 +573,71 @@ class _quiet:
     def __exit__(self, *exc):
         self._catcher.__exit__(*exc)
         return False
+
+
+# ---------------------------------------------------------------------------------------------- image tools
+
+
+def export_adapter(path: Path | str, output: Path | str, fmt: str, *, rank: int | None = None,
+                   energy: float | None = None, base: str | None = None, initial_adapter: Path | str | None = None,
+                   dtype: str | None = None, pipeline: str | None = None, family: str | None = None,
+                   progress: Progress | None = None) -> tuple[Conversion | None, Any]:
+    """Write a denoiser adapter in an image tool's file format: "diffusers" (a folder for the pipeline's
+    `load_lora_weights`) or "kohya" (one .safetensors file for ComfyUI, Forge, InvokeAI).
+
+    An adapter whose init rewrote the base (PiSSA ...), or with `rank` / `energy` given, is converted to plain
+    LoRA first (`convert_adapter`); the pipeline class and family come from the base model when not given.
+    Returns (the conversion, or None, and the `adapters.formats.WrittenAdapter`).
+    """
+    from peftpick.adapters.formats import to_diffusers_format, to_kohya_format
+
+    if fmt not in ("diffusers", "kohya"):
+        raise PeftpickError(f"--format {fmt} is not a format peftpick writes", "use --format diffusers or kohya")
+    adapter = read_adapter(path)
+    out = Path(output)
+    if fmt == "kohya" and out.suffix != ".safetensors":
+        raise PeftpickError(f"-o {out}: a kohya adapter is one .safetensors file", f"pass e.g. -o {out}.safetensors")
+    if out.exists():
+        raise PeftpickError(f"{out} already exists", "pass a new path to -o, or remove it first")
+    if not out.parent.exists():
+        raise PeftpickError(f"the folder {out.parent} for -o does not exist", "create it first, or pick another path")
+    if pipeline is None or family is None:
+        denoiser = _denoiser_of(adapter, base)
+        pipeline = pipeline or denoiser.pipeline_class
+        family = family or denoiser.family
+    needs_lora = (rank is not None or energy is not None or initial_adapter is not None
+                  or (adapter.peft_type == "LORA" and rewriting_init(adapter.config) is not None))
+    with tempfile.TemporaryDirectory(prefix="peftpick-export-") as scratch:
+        conversion = None
+        source = adapter.path
+        if needs_lora:
+            conversion = convert_adapter(adapter.path, Path(scratch) / "lora", rank=rank, energy=energy, base=base,
+                                         initial_adapter=initial_adapter, dtype=dtype, progress=progress)
+            source = conversion.output
+        if progress:
+            progress(f"writing the {fmt} format")
+        if fmt == "diffusers":
+            written = to_diffusers_format(source, out, pipeline)
+        else:
+            written = to_kohya_format(source, out, family)
+        if conversion is not None:
+            import dataclasses
+
+            conversion = dataclasses.replace(conversion, output=written.path)
+    return conversion, written
+
+
+def _denoiser_of(adapter: SavedAdapter, base: str | None):
+    """The Denoiser facts of the adapter's base model (--base, or a base_model_name_or_path peftpick resolves)."""
+    from peftpick.knowledge.architectures import resolve_model
+
+    spec = base or adapter.base_model
+    if not spec:
+        raise PeftpickError(f"{adapter.path} does not say which model it was trained on",
+                            "pass --base with the diffusion model (a bundled name such as flux.2-klein-4b, or its "
+                            "folder), or --pipeline and --family")
+    arch = resolve_model(spec)
+    if arch.denoiser is None:
+        raise PeftpickError(f"{spec} is a language model; image formats are for diffusion denoisers",
+                            "drop --format, or pass the diffusion model with --base")
+    return arch.denoiser

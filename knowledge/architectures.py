@@ -415,6 +415,12 @@ def resolve_model(spec: Any, registry: Registry | None = None) -> Architecture:
     text = os.fspath(spec).strip()
     if not text:
         raise PeftpickError("no model given", "pass a model name such as llama-3.2-3b (`peftpick models` lists them)")
+    # Diffusion denoisers (bundled names, diffusers folders) have their own registry; None: not a denoiser.
+    from .denoisers import resolve_denoiser
+
+    denoiser = resolve_denoiser(text)
+    if denoiser is not None:
+        return denoiser
 
     path = Path(text).expanduser()
     if path.is_dir():

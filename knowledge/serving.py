@@ -231,7 +231,8 @@ def _sources(raw: Any, where: str) -> tuple[Source, ...]:
     return tuple(sources)
 
 
-def _fact(raw: Any, where: str) -> Fact:
+def fact_from_json(raw: Any, where: str) -> Fact:
+    """One fact of a knowledge file: value, detail, sources and the versions it holds for, checked."""
     if not isinstance(raw, Mapping) or "value" not in raw:
         raise PeftpickError(f"{where} has no value", _FIX)
     versions = raw.get("versions")
@@ -256,7 +257,7 @@ _REQUIRED_FACTS = (
 )
 
 
-def _stack_versions(raw: Any, where: str) -> StackVersions:
+def stack_versions_from_json(raw: Any, where: str) -> StackVersions:
     if not isinstance(raw, Mapping) or not raw.get("read") or raw.get("checked") not in ("engine", "source"):
         raise PeftpickError(f"{where} lacks versions.read or versions.checked (\"engine\" or \"source\")", _FIX)
     return StackVersions(str(raw["read"]), raw["checked"], str(raw.get("tested", "")), str(raw.get("tested_by", "")),
@@ -268,7 +269,7 @@ def stack_from_json(name: str, raw: Mapping[str, Any], where: str = SERVING_FILE
     missing = [f for f in _REQUIRED_FACTS if f not in raw_facts]
     if missing:
         raise PeftpickError(f"{where}: stack {name} lacks fact(s) {', '.join(missing)}", _FIX)
-    facts = {key: _fact(value, f"{where}: {name}.{key}") for key, value in raw_facts.items()}
+    facts = {key: fact_from_json(value, f"{where}: {name}.{key}") for key, value in raw_facts.items()}
     ranks = facts["ranks"].value or {}
     targets = facts["target_modules"].value
     init = facts["init_lora_weights"].value
@@ -301,7 +302,7 @@ def stack_from_json(name: str, raw: Mapping[str, Any], where: str = SERVING_FILE
         # Absent = no maintenance notice in the sources read.
         maintenance_mode="maintenance_mode" in facts and facts["maintenance_mode"].value is True,
         init_lora_weights=init,
-        versions=_stack_versions(raw.get("versions"), f"{where}: {name}"),
+        versions=stack_versions_from_json(raw.get("versions"), f"{where}: {name}"),
         facts=facts,
         notes=notes,
     )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from peftpick.errors import PeftpickError
 from peftpick.types import Architecture, Candidate
+from peftpick.workloads import DENOISER, workload_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -114,6 +115,7 @@ class MethodSpec:
             optimizer=self._optimizer(run),
             benchmark_run=self.benchmark_run,
             notes=tuple(notes),
+            task_type=workload_of(arch).task_type,
         )
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -146,6 +148,14 @@ class MethodSpec:
         from peftpick.knowledge.architectures import resolve_model
 
         base_model = str(run["base_model"])
+        if self.benchmark == DENOISER.benchmark:
+            from peftpick.knowledge.denoisers import resolve_denoiser
+
+            found = resolve_denoiser(base_model)
+            if found is None:
+                raise PeftpickError(f"the benchmark model {base_model} of run {run['experiment']} is not in the "
+                                    "denoiser registry", "add it to knowledge/data/denoisers.json")
+            return found
         entry = kb.architectures.lookup(base_model)
         if entry is None:
             raise PeftpickError(
@@ -248,15 +258,16 @@ class MethodSpec:
                         reference_arch: Architecture, run: pd.Series,
                         targets: Sequence[str] | str | None) -> tuple[tuple[LinearModule, ...], list[str]]:
         """Set settings["target_modules"] (and fan_in_fan_out) for `arch`; return the targeted layers and notes."""
-        from peftpick.knowledge.targets import decoder_layer_modules
-
         if not self._uses_targets():
             if targets is not None:
                 raise PeftpickError(f"{self.display_name} has no target modules to choose",
                                     "leave targets unset for it")
             return (), []
-        arch_layers = decoder_layer_modules(arch)
-        reference_layers = decoder_layer_modules(reference_arch)
+        if self.benchmark == DENOISER.benchmark:
+            return self._choose_denoiser_targets(settings, arch, kb, reference_arch, run, targets)
+        layer_modules = workload_of(arch).hook("layer_modules")
+        arch_layers = layer_modules(arch)
+        reference_layers = layer_modules(reference_arch)
         notes: list[str] = []
         if targets is None:
             roles = _roles_of_run_targets(run, reference_layers)
@@ -275,6 +286,41 @@ class MethodSpec:
         if "fan_in_fan_out" in settings or any(layer.kind == "Conv1D" for layer in layers):
             settings["fan_in_fan_out"] = any(layer.kind == "Conv1D" for layer in layers)
         return layers, notes
+
+    def _choose_denoiser_targets(self, settings: dict[str, Any], arch: Architecture, kb: KnowledgeBase,
+                                 reference_arch: Architecture, run: pd.Series,
+                                 targets: Sequence[str] | str | None) -> tuple[tuple[LinearModule, ...], list[str]]:
+        """The image run's targets (module names of the benchmark's FLUX.2-klein) as roles, resolved on `arch`."""
+        from peftpick.knowledge.denoiser_targets import (
+            DENOISER_ROLES,
+            analysis_model,
+            denoiser_layer_modules,
+            resolve_denoiser_targets,
+        )
+
+        model = analysis_model(arch)  # built once for the three readings below
+        if targets is None:
+            names = [n for n in str(run["target_modules"]).split("|") if n]
+            reference_layers = denoiser_layer_modules(
+                reference_arch, model if reference_arch == arch else analysis_model(reference_arch))
+            roles = list(dict.fromkeys(role for layer in reference_layers if layer.target in names
+                                       for role in layer.roles))
+        else:
+            items = [targets] if isinstance(targets, str) else list(targets)
+            unknown = [item for item in items if item not in DENOISER_ROLES]
+            if unknown:
+                raise PeftpickError(f"unknown denoiser target role(s) {', '.join(map(repr, unknown))}",
+                                    f"use roles: {', '.join(DENOISER_ROLES)}")
+            roles = items
+        include_conv = bool(self.peft_type) and kb.capabilities_of(self.peft_type).supports_layer("Conv2d") is True
+        resolution = resolve_denoiser_targets(arch, roles, include_conv=include_conv, model=model, shrunk=True)
+        modules = list(resolution.modules)
+        layers = tuple(layer for layer in denoiser_layer_modules(arch, model) if layer.target in modules)
+        self._check_layer_kinds(arch, kb, layers)
+        settings["target_modules"] = modules
+        if "feedforward_modules" in settings:
+            settings["feedforward_modules"] = _feedforward_like_run(settings, run, modules)
+        return layers, list(resolution.notes)
 
     def _resolve(self, arch: Architecture, roles: list[str], from_run: bool):
         from peftpick.knowledge.targets import resolve_targets
@@ -354,6 +400,15 @@ def _training_note(run: pd.Series) -> str:
     schedule = f"{run['lr_scheduler']} schedule" if run.get("lr_scheduler") else "constant learning rate"
     return (f"the run trained {int(run['max_steps']):,} steps of batch {int(run['batch_size'])} with "
             f"{run['optimizer']} at lr {float(run['learning_rate']):g}, {decay_text}, {schedule}")
+
+
+def _feedforward_like_run(settings: dict[str, Any], run: pd.Series, modules: list[str]) -> list[str]:
+    """IA3's feed-forward modules on a denoiser: the image suite's run treats every target as feed-forward, so
+    when the run's feedforward set equals its target set, so does the candidate's; otherwise none."""
+    stored = json.loads(run["peft_config_json"] or "{}")
+    run_targets = set(stored.get("target_modules") or [])
+    run_feedforward = set(stored.get("feedforward_modules") or [])
+    return list(modules) if run_targets and run_feedforward == run_targets else []
 
 
 def _compact_roles(roles: Iterable[str]) -> list[str]:

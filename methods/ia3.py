@@ -17,6 +17,8 @@ class IA3Spec(MethodSpec):
     every targeted layer that plays an MLP role (Phi-3's gate_up_proj, GPT-2's c_fc and mlp.c_proj ...)."""
 
     def _fit_to_architecture(self, settings: dict[str, Any], context: BuildContext) -> list[str]:
+        if context.arch.denoiser is not None:
+            return []  # set from the image run's own feed-forward choice when the targets were chosen
         feedforward = [layer.target for layer in context.layers if set(layer.roles) & _FEEDFORWARD_ROLES]
         settings["feedforward_modules"] = list(dict.fromkeys(feedforward))
         return []

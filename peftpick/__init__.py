@@ -22,8 +22,8 @@ from peftpick.types import (
 __version__ = "0.1.0"
 
 
-def recommend(model, vram_gb=None, serve="vllm", multi_adapter=False, quant="none", goal="balanced",
-              seq_len=768, batch_size=4, **kwargs) -> Recommendation:
+def recommend(model, vram_gb=None, serve=None, multi_adapter=False, quant="none", goal="balanced",
+              seq_len=768, batch_size=None, **kwargs) -> Recommendation:
     """Rank PEFT methods for `model` on a `vram_gb` GiB GPU served with `serve`; see peftpick.recommender."""
     from peftpick.recommender import recommend as _recommend
 

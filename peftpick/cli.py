@@ -118,7 +118,8 @@ def _version_callback(value: bool) -> None:
 # --------------------------------------------------------------------------------------- recommendation
 
 _RECOMMEND_OPTIONS = ("model", "vram", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size",
-                      "methods", "json_output", "report", "probe", "probe_steps", "data")
+                      "methods", "json_output", "report", "probe", "probe_steps", "data", "resolution", "frames",
+                      "cached_inputs")
 
 
 @app.callback(invoke_without_command=True)
@@ -130,8 +131,9 @@ def recommend_command(
     vram: Annotated[Optional[float], typer.Option(
         "--vram", help="GPU memory in GiB (2^30 bytes); leave out to detect the local GPU through NVML.",
         show_default=False)] = None,
-    serve: Annotated[str, typer.Option(
-        "--serve", help=f"Where the result is served: {_names(Serve)}.")] = Serve.VLLM.value,
+    serve: Annotated[Optional[str], typer.Option(
+        "--serve", help=f"Where the result is served or used: {_names(Serve)} (default: vllm for language models, "
+        "diffusers for image and video models).", show_default=False)] = None,
     multi_adapter: Annotated[bool, typer.Option(
         "--multi-adapter", help="Several adapters must be served over one shared base model.")] = False,
     quant: Annotated[str, typer.Option(
@@ -141,8 +143,9 @@ def recommend_command(
         "--goal", help=f"What the ranking favours: {_names(Goal)}.")] = Goal.BALANCED.value,
     seq_len: Annotated[int, typer.Option(
         "--seq-len", help="Longest training sequence in tokens.")] = 768,
-    batch_size: Annotated[int, typer.Option(
-        "--batch-size", help="Effective batch size to keep (split into micro-batches if memory needs it).")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", help="Effective batch size to keep, split into micro-batches if memory needs it (default: 4 "
+        "for language models, 2 for image and video models).", show_default=False)] = None,
     methods: Annotated[Optional[str], typer.Option(
         "--methods", help="Only consider these methods (comma-separated catalogue keys, e.g. lora,dora,full).",
         show_default=False)] = None,
@@ -156,10 +159,20 @@ def recommend_command(
         "(default: only when a CUDA GPU is present; --probe on a CPU: small models, no memory figures).",
         show_default=False)] = None,
     probe_steps: Annotated[int, typer.Option(
-        "--probe-steps", help="Measured optimizer steps per probe.")] = 10,
+        "--probe-steps", "--steps", help="Measured optimizer steps per probe.")] = 10,
     data: Annotated[Optional[Path], typer.Option(
         "--data", help="Training data for the probes: .jsonl/.json, .csv/.tsv, .parquet or .txt (default: built-in "
         "arithmetic problems).", metavar="FILE", show_default=False)] = None,
+    resolution: Annotated[Optional[int], typer.Option(
+        "--resolution", help="Image and video models: training resolution in pixels per side (default: the "
+        "model's usual).", show_default=False)] = None,
+    frames: Annotated[Optional[int], typer.Option(
+        "--frames", help="Video models: frames per training clip (default: the model's usual).",
+        show_default=False)] = None,
+    cached_inputs: Annotated[bool, typer.Option(
+        "--cached-inputs/--resident-encoders", help="Image and video models: text embeddings and latents computed "
+        "beforehand (text encoders and VAE off the GPU), or text encoders and VAE on the GPU while training.")]
+        = True,
     version: Annotated[bool, typer.Option(
         "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True)] = False,
 ) -> None:
@@ -184,7 +197,7 @@ def recommend_command(
                 "pass e.g. --model llama-3.2-3b (`peftpick models` lists the bundled names), or run a subcommand "
                 "(peftpick --help)",
             )
-        serve = _choice(serve, Serve, "--serve")
+        serve = _choice(serve, Serve, "--serve") if serve is not None else None
         quant = _choice(quant, Quant, "--quant")
         goal = _choice(goal, Goal, "--goal")
         if report is not None:
@@ -202,6 +215,10 @@ def recommend_command(
             raise PeftpickError("--data is training data for the probes, and --no-probe turns them off",
                                 "drop --no-probe, or drop --data")
         extra.update(probe=probe, probe_steps=probe_steps, data=data)
+        for name, value, default in (("resolution", resolution, None), ("frames", frames, None),
+                                     ("cached_inputs", cached_inputs, True)):
+            if value != default:
+                extra[name] = value
         if _accepts(recommend, "workers"):
             from peftpick.recommender import default_workers
 
@@ -247,7 +264,9 @@ def estimate_command(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Sequence length in tokens.")] = 768,
     grad_ckpt: Annotated[bool, typer.Option(
         "--grad-ckpt", help="Gradient checkpointing on (non-reentrant).")] = False,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adamw or lora-fa (LoRA adapters only).")] = "adamw",
+    optimizer: Annotated[str, typer.Option("--optimizer", help=(
+        "adamw, adamw-8bit, paged-adamw-8bit (bitsandbytes), adafactor, sgd (momentum 0.9) or lora-fa "
+        "(LoRA adapters only)."))] = "adamw",
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", help="Base weight dtype: bfloat16, float16 or float32 (default: the model's).",
         show_default=False)] = None,
@@ -361,12 +380,15 @@ def models_command(
     """List the bundled model architectures (names to pass to --model)."""
     with _handled_errors():
         from peftpick.knowledge.architectures import load_registry
+        from peftpick.knowledge.denoisers import load_denoiser_registry
 
-        registry = load_registry()
+        language, images = list(load_registry()), list(load_denoiser_registry())
+        registry = [*language, *images]
+        kinds = {id(e): "causal-lm" for e in language} | {id(e): "denoiser" for e in images}
         if json_output:
             entries = [
                 {"name": e.name, "display_name": e.display_name, "family": e.family, "hub_id": e.hub_id,
-                 "published_params": e.published_params, "aliases": list(e.aliases)}
+                 "published_params": e.published_params, "aliases": list(e.aliases), "kind": kinds[id(e)]}
                 for e in registry
             ]
             typer.echo(json.dumps(entries, indent=2))
@@ -379,13 +401,16 @@ def models_command(
         from peftpick.report.formatting import count
 
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left",
-                      title=f"{len(registry)} bundled models (params as published; - where not stated)")
+                      title=f"{len(registry)} bundled models: {len(language)} language models, {len(images)} image "
+                            "and video denoisers (params as published; - where not stated)")
         table.add_column("Name", no_wrap=True)
+        table.add_column("Kind", no_wrap=True)
         table.add_column("Params", justify="right", no_wrap=True)
         table.add_column("Hub id", overflow="fold")
         for entry in registry:
             params = count(entry.published_params) if entry.published_params else "-"
-            table.add_row(entry.name, params, entry.hub_id)
+            table.add_row(entry.name, "LM" if kinds[id(entry)] == "causal-lm" else "image/video", params,
+                          entry.hub_id)
         Console().print(table)
 
 
@@ -401,12 +426,20 @@ def probe_command(
         "--data", help="Training data: .jsonl/.json, .csv/.tsv, .parquet or .txt (default: built-in arithmetic "
         "problems).", metavar="FILE", show_default=False)] = None,
     methods: Annotated[Optional[str], typer.Option(
-        "--methods", help="Comma-separated methods (default: lora,dora,lora-fa,oft,ia3,loha,vera,prompt-tuning).",
+        "--methods", help="Comma-separated methods (default: lora,dora,lora-fa,oft,ia3,loha,vera,prompt-tuning for "
+        "language models; lora,lora-r64,dora,oft,ia3,loha,lokr,vera for image models).",
         show_default=False)] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence (batches are packed to it).")] = 768,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Batch size per optimizer step (kept when a smaller micro-batch must be used).")] = 4,
-    steps: Annotated[int, typer.Option("--steps", help="Measured optimizer steps, after one warm-up step.")] = 10,
+    steps: Annotated[int, typer.Option(
+        "--probe-steps", "--steps", help="Measured optimizer steps, after one warm-up step (the main command's "
+        "--probe-steps; --steps is the same option).")] = 10,
+    resolution: Annotated[Optional[int], typer.Option(
+        "--resolution", help="Image and video models: pixels per side (default: the model's usual).",
+        show_default=False)] = None,
+    frames: Annotated[Optional[int], typer.Option(
+        "--frames", help="Video models: frames per clip (default: the model's usual).", show_default=False)] = None,
     grad_ckpt: Annotated[bool, typer.Option(
         "--grad-ckpt", help="Start with gradient checkpointing on.")] = False,
     random_weights: Annotated[bool, typer.Option(
@@ -443,7 +476,8 @@ def probe_command(
         warnings.showwarning = lambda message, *_args, **_kwargs: typer.echo(f"warning: {message}", err=True)
         interrupted = False
         try:
-            results = probe(model, methods, data, seq_len=seq_len, batch_size=batch_size, steps=steps,
+            image = {key: value for key, value in (("resolution", resolution), ("frames", frames)) if value is not None}
+            results = probe(model, methods, data, seq_len=seq_len, batch_size=batch_size, steps=steps, **image,
                             gradient_checkpointing=grad_ckpt, random_weights=random_weights, device=device,
                             cache=not no_cache, text_field=text_field, prompt_field=prompt_field,
                             response_field=response_field, learning_rate=learning_rate, timeout_s=timeout)
@@ -515,7 +549,17 @@ def convert_command(
     adapter: Annotated[Path, typer.Argument(help="The adapter folder to convert.", show_default=False)],
     output: Annotated[Path, typer.Option("-o", "--output", help="New folder for the converted LoRA adapter.",
                                          show_default=False)],
-    to: Annotated[str, typer.Option("--to", help="The target format: lora (PEFT LoRA).")] = "lora",
+    to: Annotated[str, typer.Option("--to", help="The target method: lora (PEFT LoRA).")] = "lora",
+    fmt: Annotated[str, typer.Option(
+        "--format", help="The file format: peft (adapter_config.json + adapter_model.safetensors), diffusers "
+        "(the pipeline's load_lora_weights format, alpha kept as metadata) or kohya (one .safetensors for ComfyUI, "
+        "Forge, InvokeAI, alpha per module).")] = "peft",
+    pipeline: Annotated[Optional[str], typer.Option(
+        "--pipeline", help="--format diffusers: the diffusers pipeline class (default: the base model's).",
+        show_default=False)] = None,
+    family: Annotated[Optional[str], typer.Option(
+        "--family", help="--format kohya: the model family that sets the key prefix, e.g. flux, sdxl (default: the "
+        "base model's).", show_default=False)] = None,
     rank: Annotated[Optional[int], typer.Option(
         "--rank", help="Rank of the converted adapter (SVD conversions; compresses exact ones further).",
         show_default=False)] = None,
@@ -538,8 +582,24 @@ def convert_command(
     """Convert an adapter into a plain LoRA adapter that a serving stack loads, with the error it costs."""
     with _handled_errors():
         if to.strip().lower() != "lora":
-            raise PeftpickError(f"--to {to} is not a format peftpick writes", "use --to lora")
+            raise PeftpickError(f"--to {to} is not a method peftpick converts to", "use --to lora")
         _check_dtype(dtype)
+        fmt = fmt.strip().lower()
+        if fmt not in ("peft", "diffusers", "kohya"):
+            raise PeftpickError(f"unknown --format {fmt!r}", "use peft, diffusers or kohya")
+        if fmt != "peft":
+            from peftpick.adapters.convert import export_adapter
+            from peftpick.report.adapters import export_lines, export_to_dict
+
+            conversion, written = export_adapter(adapter, output, fmt, rank=rank, energy=energy, base=base,
+                                                 initial_adapter=initial_adapter, dtype=dtype, pipeline=pipeline,
+                                                 family=family, progress=_progress_on_stderr())
+            if json_output:
+                typer.echo(json.dumps(export_to_dict(conversion, written), indent=2, allow_nan=False))
+            else:
+                for line in export_lines(conversion, written):
+                    typer.echo(line)
+            return
         serve = _choice(serve, Serve, "--serve")
         from peftpick.adapters.convert import convert_adapter
         from peftpick.report.adapters import conversion_lines, conversion_to_dict

@@ -15,22 +15,61 @@ GIB = 2**30
 
 
 class Serve(str, Enum):
-    """Where the fine-tuned result will be served."""
+    """Where the fine-tuned result will be served (language-model engines) or used (image tools and libraries)."""
 
     VLLM = "vllm"
     SGLANG = "sglang"
     TGI = "tgi"
     LLAMACPP = "llamacpp"
     OLLAMA = "ollama"
+    DIFFUSERS = "diffusers"
+    COMFYUI = "comfyui"
+    FORGE = "forge"
+    INVOKEAI = "invokeai"
     NONE = "none"
+
+
+class Workload(str, Enum):
+    """What kind of model is fine-tuned; each stage asks `peftpick.workloads` what that means for it."""
+
+    CAUSAL_LM = "causal-lm"
+    DENOISER = "denoiser"
 
 
 class Quant(str, Enum):
-    """Quantization of the frozen base weights during training."""
+    """Quantization of the frozen base weights during training (bitsandbytes)."""
 
     NONE = "none"
-    INT8 = "8bit"
-    INT4 = "4bit"
+    INT8 = "8bit"  # LLM.int8 (Linear8bitLt)
+    INT4 = "4bit"  # NF4 with double quantization, QLoRA's recipe
+    INT4_NO_DQ = "4bit-no-dq"  # NF4, absmax kept in float32
+
+
+class Optimizer(str, Enum):
+    """The optimizer of the training step."""
+
+    ADAMW = "adamw"  # torch.optim.AdamW
+    ADAMW_8BIT = "adamw-8bit"  # bitsandbytes AdamW8bit
+    PAGED_ADAMW_8BIT = "paged-adamw-8bit"  # bitsandbytes PagedAdamW8bit
+    ADAFACTOR = "adafactor"  # transformers.optimization.Adafactor
+    SGD = "sgd"  # torch.optim.SGD with momentum
+    LORA_FA = "lora-fa"  # PEFT's LoRA-FA optimizer (LoRA only)
+
+
+class LossKernel(str, Enum):
+    """How the language-model loss is computed."""
+
+    STOCK = "stock"  # the model's own: full logits, then cross-entropy
+    LIGER = "liger"  # Liger's fused linear cross-entropy (no full logits)
+    CHUNKED = "chunked"  # logits and loss over chunks of tokens
+
+
+class Trainer(str, Enum):
+    """The training loop."""
+
+    PLAIN = "plain"  # out = model(...); out.loss.backward(); step
+    HF = "hf"  # transformers' Trainer
+    TRL = "trl"  # TRL's SFTTrainer
 
 
 class Goal(str, Enum):
@@ -43,11 +82,40 @@ class Goal(str, Enum):
 
 
 @dataclass(frozen=True)
+class Denoiser:
+    """What a diffusion denoiser trains on, beside its diffusers config (`Architecture.config`).
+
+    Token counts follow from these: an image of H x W pixels becomes (H / vae_scale / patch) x (W / vae_scale /
+    patch) tokens; a video of F frames has 1 + (F - 1) / vae_temporal latent frames.
+    """
+
+    family: str  # "flux2", "flux", "sd3", "sdxl", "wan", "qwen-image", ...
+    diffusers_class: str  # "Flux2Transformer2DModel", "UNet2DConditionModel", ...
+    objective: Literal["flow", "epsilon", "v"]  # flow matching (velocity), noise prediction, v-prediction
+    latent_channels: int  # the VAE's latent channels (FLUX.2: 32, FLUX.1 / SD3 / Wan: 16, SDXL: 4)
+    vae_scale: int  # spatial downsampling of the VAE (8 for all of them)
+    patch: int  # latents per token side (FLUX packs 2 x 2, SD3 / Wan patchify 2 x 2, the SDXL UNet 1)
+    text_dim: int  # width of the text embeddings the denoiser attends to
+    text_len: int  # text tokens per prompt in the usual training setup
+    pipeline_class: str = ""  # the diffusers pipeline, for snippets ("Flux2KleinPipeline")
+    vae_temporal: int = 0  # video models: frames per latent frame (Wan: 4); 0 for image models
+    pooled_dim: int = 0  # pooled text embedding (FLUX.1: 768, SD3: 2048, SDXL: 1280)
+    guidance: bool = False  # a guidance-scale embedding is an input (FLUX.1-dev, FLUX.2-dev)
+    added_time_ids: int = 0  # SDXL's micro-conditioning numbers (6)
+    text_encoders: tuple[tuple[str, int], ...] = ()  # (name, parameters), resident when inputs are not cached
+    vae_params: int = 0
+    default_resolution: int = 1024
+    default_frames: int = 0  # video models: frames of a clip in the usual setup
+
+
+@dataclass(frozen=True)
 class Architecture:
-    """Architecture figures of a causal LM, and where they came from.
+    """Architecture figures of a causal LM or a diffusion denoiser, and where they came from.
 
     `config` is the transformers config as a dict (what `PretrainedConfig.to_dict()` gives, or the bundled
-    registry's subset of it); everything that builds a model goes through it, the figures are for people.
+    registry's subset of it), or for a denoiser its diffusers config; everything that builds a model goes through
+    it, the figures are for people. A denoiser's figures: hidden_size is its inner width (heads x head size),
+    num_layers its transformer blocks, vocab_size 0.
     """
 
     name: str
@@ -67,18 +135,34 @@ class Architecture:
     hub_id: str | None = None
     local_path: str | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    denoiser: Denoiser | None = None  # set for diffusion denoisers
+
+    @property
+    def workload(self) -> Workload:
+        return Workload.DENOISER if self.denoiser is not None else Workload.CAUSAL_LM
 
 
 @dataclass(frozen=True)
 class TrainingShape:
-    """One training setting: the worst batch is every sequence filled to `seq_len`."""
+    """One training setting: the worst batch is every sequence filled to `seq_len`.
+
+    Denoisers: `resolution` (pixels per side) and `frames` (video) set the latent tokens, `seq_len` is unused;
+    `cached_inputs` says the text embeddings and latents were computed beforehand (text encoders and VAE off the
+    GPU), the usual low-memory recipe and the PEFT image suite's.
+    """
 
     batch_size: int = 4
     seq_len: int = 768
     gradient_checkpointing: bool = False
     gradient_accumulation: int = 1
-    optimizer: Literal["adamw", "lora-fa"] = "adamw"
+    optimizer: str = "adamw"  # an Optimizer value
     dtype: str = "bfloat16"
+    resolution: int | None = None
+    frames: int | None = None
+    cached_inputs: bool = True
+    quant: str = "none"  # a Quant value: the frozen base weights' storage
+    loss: str = "stock"  # a LossKernel value
+    trainer: str = "plain"  # a Trainer value
 
     @property
     def effective_batch(self) -> int:
@@ -99,9 +183,10 @@ class Candidate:
     peft_config_class: str | None  # e.g. "LoraConfig"
     peft_kwargs: dict[str, Any] = field(default_factory=dict)
     learning_rate: float = 1e-4
-    optimizer: Literal["adamw", "lora-fa"] = "adamw"
+    optimizer: str = "adamw"  # the method's own optimizer: "adamw", or "lora-fa" for LoRA-FA
     benchmark_run: str | None = None  # experiment the settings were taken from
     notes: tuple[str, ...] = ()
+    task_type: str | None = "CAUSAL_LM"  # PEFT's task type; None for a bare module (a diffusers denoiser)
 
     def peft_config(self):
         """A `peft.PeftConfig` that `get_peft_model` accepts, or None for full fine-tuning."""
@@ -110,7 +195,7 @@ class Candidate:
         import peft
 
         cls = getattr(peft, self.peft_config_class)
-        return cls(task_type="CAUSAL_LM", **self.peft_kwargs)
+        return cls(task_type=self.task_type, **self.peft_kwargs)
 
     @property
     def rank(self) -> int | None:
@@ -277,6 +362,7 @@ class RankedCandidate:
     pareto: bool = True  # no other candidate is at least as good on every axis and better on one
     dominated_by: tuple[str, ...] = ()  # display names of candidates that dominate it
     flags: tuple[str, ...] = ()  # warnings that ranked it down (e.g. its probe loss does not fall)
+    drift: float | None = None  # image suite: how far unrelated prompts' images move (lower keeps more); None: unknown
 
     def peft_config(self):
         return self.candidate.peft_config()
@@ -303,6 +389,11 @@ class Request:
     seq_len: int = 768
     batch_size: int = 4
     vram_source: str = "given"  # "given" or "detected: <GPU name>"
+    resolution: int | None = None  # denoisers: pixels per side (None: the model's usual)
+    frames: int | None = None  # video denoisers: frames per clip
+    cached_inputs: bool = True  # denoisers: text embeddings and latents computed beforehand
+    serve_given: bool = True  # False: `serve` is the usual stack for the model's kind, chosen once it is known
+    batch_given: bool = True  # False: `batch_size` is the usual effective batch for the model's kind
 
 
 @dataclass(frozen=True)

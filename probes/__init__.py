@@ -5,8 +5,9 @@ memory (torch and NVML), speed and the loss slope.
     results = peftpick.probe("./my-model", ["lora", "dora"], data="train.jsonl", steps=10)
 
 `probe` builds the candidates itself; the recommender calls `run_probes` with the shortlist it already built and
-the settings it planned. Each candidate runs in its own worker process (see `runner` and `worker`); results are
-cached on disk (`cache`); `probe_to_estimate` turns a result into the `MemoryEstimate` the report shows,
+the settings it planned. What a probe trains depends on the model's workload (`job.probe_program`): a causal LM
+trains on text, a diffusion denoiser (`diffusion`) on random latents and text embeddings of the training shapes.
+Each candidate runs in its own worker process (see `runner` and `worker`); results are cached on disk (`cache`); `probe_to_estimate` turns a result into the `MemoryEstimate` the report shows,
 labelled "measured on <GPU>". On a machine without a GPU probes run on the CPU (small models only) and measure
 speed and the loss slope, not memory.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from peftpick.errors import PeftpickError
 from peftpick.probes.cache import ProbeWarning
 from peftpick.probes.device import GpuInfo, detect_gpu
+from peftpick.probes.job import ProbeProgram, probe_program
 from peftpick.probes.results import fit_loss_slope, probe_to_estimate, result_from_dict, result_to_dict
 from peftpick.probes.runner import (
     DEFAULT_TIMEOUT_S,
@@ -28,10 +30,11 @@ from peftpick.probes.runner import (
     cheaper_settings,
     run_probes,
 )
-from peftpick.types import ProbeResult, TrainingShape
+from peftpick.types import Architecture, ProbeResult, TrainingShape
 
 # What `peftpick probe` measures without --methods: methods whose memory and learning differ (LoRA and its
 # re-parametrisations rsLoRA / PiSSA / OLoRA share LoRA's memory), eight as in the recommender's shortlist.
+# A denoiser's are its program's `default_methods` (the image suite's methods).
 DEFAULT_METHODS = ("lora", "dora", "lora-fa", "oft", "ia3", "loha", "vera", "prompt-tuning")
 
 
@@ -53,15 +56,20 @@ def probe(
     response_field: str | None = None,
     timeout_s: float | None = None,
     learning_rate: float | None = None,
+    resolution: int | None = None,
+    frames: int | None = None,
 ) -> list[ProbeResult]:
     """Micro-train each of `methods` on `model` and return what was measured, one result per method in order.
 
-    model: a bundled name, a local folder (weights loaded from it) or a hub id; a bundled name needs the weights
-        in the local Hugging Face cache unless `random_weights` (memory and speed only).
-    methods: catalogue keys (a list or "a,b,c"); None: DEFAULT_METHODS. A method that cannot be applied to the
-        model gives a result with status "error" saying why.
+    model: a bundled name, a local folder (weights loaded from it), a hub id or an Architecture; a bundled name
+        needs the weights in the local Hugging Face cache unless `random_weights` (memory and speed only).
+    methods: catalogue keys (a list or "a,b,c"); None: DEFAULT_METHODS (a denoiser: the image suite's eight). A
+        method that cannot be applied to the model gives a result with status "error" saying why.
     data: JSON lines / JSON / CSV / TSV / Parquet / text with a `text` field or prompt/response fields (names
-        overridable); None: the built-in arithmetic sample.
+        overridable); None: the built-in arithmetic sample. Denoisers take none (random latents and text
+        embeddings).
+    resolution, frames: a diffusion denoiser's training images (pixels per side) and video frames per clip;
+        None: the model's usual. seq_len is unused for denoisers.
     steps: measured optimizer steps (at least 2) after one warm-up step.
     device: "cuda", "cuda:N" or "cpu"; None: the GPU when there is one.
     cache: read and write the probe cache ($PEFTPICK_CACHE_DIR or ~/.cache/peftpick/probes.sqlite).
@@ -76,10 +84,12 @@ def probe(
     options = ProbeOptions(steps=steps, batch_size=batch_size, seq_len=seq_len,
                            gradient_checkpointing=gradient_checkpointing, random_weights=random_weights,
                            device=device, cache=cache, timeout_s=timeout_s, data=data, text_field=text_field,
-                           prompt_field=prompt_field, response_field=response_field, learning_rate=learning_rate)
-    names = _method_names(methods)
-    specs = list(dict.fromkeys(get_method(name) for name in names))  # unknown names fail here, before any work
-    arch = resolve_model(model)
+                           prompt_field=prompt_field, response_field=response_field, learning_rate=learning_rate,
+                           resolution=resolution, frames=frames)
+    arch = model if isinstance(model, Architecture) else resolve_model(model)
+    names = _method_names(methods, probe_program(arch.workload).default_methods)
+    # unknown names fail here, before any work
+    specs = list(dict.fromkeys(get_method(name, arch.workload) for name in names))
     candidates = []
     not_applicable: dict[int, ProbeResult] = {}
     for position, spec in enumerate(specs):
@@ -88,15 +98,16 @@ def probe(
         except ArchitectureNotSupported as error:
             not_applicable[position] = ProbeResult(
                 method=spec.key, status="error", device="not run", display_name=spec.display_name,
-                shape=TrainingShape(batch_size=batch_size, seq_len=seq_len), error=f"not applicable: {error}")
+                shape=TrainingShape(batch_size=batch_size, seq_len=seq_len, resolution=resolution, frames=frames),
+                error=f"not applicable: {error}")
     measured = iter(run_probes(arch, candidates, None, options, progress=progress) if candidates else [])
     return [not_applicable[position] if position in not_applicable else next(measured)
             for position in range(len(specs))]
 
 
-def _method_names(methods: Iterable[str] | str | None) -> list[str]:
+def _method_names(methods: Iterable[str] | str | None, defaults: Iterable[str] = DEFAULT_METHODS) -> list[str]:
     if methods is None:
-        return list(DEFAULT_METHODS)
+        return list(defaults)
     if isinstance(methods, str):
         methods = methods.split(",")
     names = [str(name).strip() for name in methods if str(name).strip()]
@@ -110,12 +121,14 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "GpuInfo",
     "ProbeOptions",
+    "ProbeProgram",
     "ProbeWarning",
     "ProbesInterrupted",
     "cheaper_settings",
     "detect_gpu",
     "fit_loss_slope",
     "probe",
+    "probe_program",
     "probe_to_estimate",
     "result_from_dict",
     "result_to_dict",

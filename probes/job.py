@@ -1,11 +1,20 @@
 """What the parent hands a worker process: one candidate in one training setting. Plain data, no heavy imports,
-so both sides can import it cheaply; it travels as a pickle file in the run's private temporary folder."""
+so both sides can import it cheaply; it travels as a pickle file in the run's private temporary folder.
+
+Also the one seam between workloads here: `probe_program(workload)` gives the `ProbeProgram` that says what a probe
+of that kind of model does (the parent's side: default setting, checks, weights, inputs; the worker's side: build
+the model, make a micro-batch, its loss). The runner and the worker call it and never branch on the model type.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from peftpick.types import Architecture, Candidate, TrainingShape
+from peftpick.types import Architecture, Candidate, TrainingShape, Workload
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # Bumped when the worker's measurement changes meaning; part of every cache key.
 PROTOCOL_VERSION = 1
@@ -26,7 +35,7 @@ class ProbeJob:
     steps: int  # measured optimizer steps, after the warm-up
     warmup_steps: int
     learning_rate: float
-    tokens_path: str  # torch.save'd int64 tensor [blocks, seq_len]
+    tokens_path: str  # the program's prepared inputs (causal LM: torch.save'd int64 [blocks, seq_len]); "": none
     seed: int = 0
     local_files_only: bool = True  # load hub weights from the local cache only
 
@@ -35,5 +44,84 @@ class ProbeJob:
         return self.warmup_steps + self.steps
 
     @property
+    def workload(self) -> Workload:
+        return self.architecture.workload
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.shape.batch_size * self.shape.gradient_accumulation * self.shape.seq_len
+        """Tokens one optimizer step processes (a denoiser's: latent image tokens), for `tokens_per_second`."""
+        return probe_program(self.workload).tokens_per_step(self)
+
+
+# ------------------------------------------------------------------------------------------- programs
+
+# Which environment variable tells a worker, before its job arrives, which workload's libraries to import.
+WORKLOAD_ENV = "PEFTPICK_PROBE_WORKLOAD"
+
+
+class ProbeProgram:
+    """What a probe does for one workload (worker.CausalLMProgram, diffusion.DenoiserProgram). The runner calls the
+    parent's side (in the parent process: a program module imports nothing heavy at module level), the worker the
+    worker's side.
+
+    A workload's program is what its `probe_program` hook (peftpick.workloads) returns when called without
+    arguments; see `probe_program`.
+    """
+
+    workload: Workload
+    library_names: tuple[str, ...] = ("torch", "transformers", "peft", "peftpick")  # in cache keys and results
+    default_methods: tuple[str, ...] = ()  # what `peftpick probe` measures without --methods
+
+    # -- the parent's side
+
+    def first_shape(self, arch: Architecture, shape: TrainingShape) -> TrainingShape:
+        """The setting to run for `shape` (fill in what the workload needs, refuse what it cannot take)."""
+        raise NotImplementedError
+
+    def check(self, arch: Architecture, options: Any, device: str) -> None:
+        """Refuse what cannot be probed before anything runs (PeftpickError): too big for the CPU, bad data."""
+        raise NotImplementedError
+
+    def weights_source(self, arch: Architecture, random_weights: bool) -> tuple[str | None, bool]:
+        """Where the worker loads weights from (None: random weights) and whether only local files may be used."""
+        raise NotImplementedError
+
+    def load_data(self, options: Any, settings: list[TrainingShape]) -> Any:
+        """The run's `ProbeData` (examples, a description for people, an identity for the cache)."""
+        raise NotImplementedError
+
+    def prepare_inputs(self, run: Any) -> tuple[str, tuple[str, ...]]:
+        """Once per run, before its first job: (the file every job's `tokens_path` names, notes for the results).
+        `run` is the runner's _ProbeRun: arch, data, settings, options, weights, local_only, folder, reporter."""
+        raise NotImplementedError
+
+    def tokens_per_step(self, job: ProbeJob) -> int:
+        raise NotImplementedError
+
+    # -- the worker's side (torch and the model libraries are imported)
+
+    def preload(self) -> None:
+        """Import the heavy libraries, before the worker says it is ready."""
+        raise NotImplementedError
+
+    def build_model(self, job: ProbeJob, device: Any, dtype: Any) -> Any:
+        """The bare model on `device` in `dtype`: pretrained weights from `job.weights`, else random ones."""
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self, model: Any) -> None:
+        raise NotImplementedError
+
+    def batches(self, job: ProbeJob, device: Any, dtype: Any) -> Callable[[int], Any]:
+        """A function giving the next micro-batch of n samples, on `device`."""
+        raise NotImplementedError
+
+    def forward(self, model: Any, batch: Any) -> tuple[Any, Any]:
+        """(what the forward returned, kept until the next forward as a training loop does; the loss)."""
+        raise NotImplementedError
+
+
+def probe_program(workload: Workload | str) -> ProbeProgram:
+    """The program of `workload`: its `probe_program` hook in peftpick.workloads."""
+    from peftpick.workloads import spec_for
+
+    return spec_for(Workload(workload)).hook("probe_program")()

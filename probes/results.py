@@ -63,6 +63,15 @@ def result_from_dict(data: Mapping[str, Any]) -> ProbeResult:
     return ProbeResult(**values)
 
 
+def _sample_words(shape: TrainingShape) -> str:
+    """One sample of a setting: "768 tokens", or a denoiser's "512 px image" / "33-frame 480 px clip"."""
+    if shape.resolution is None:
+        return f"{shape.seq_len} tokens"
+    if shape.frames:
+        return f"{shape.frames}-frame {shape.resolution} px clips"
+    return f"{shape.resolution} px images"
+
+
 def _shape(data: Mapping[str, Any] | TrainingShape) -> TrainingShape:
     if isinstance(data, TrainingShape):
         return data
@@ -89,7 +98,7 @@ def probe_to_estimate(result: ProbeResult, shape: TrainingShape | None = None,
     breakdown = dict(result.breakdown) or {"measured peak": result.peak_allocated_bytes}
     measured = result.shape
     assumptions = [
-        f"measured on {result.device}: {measured.batch_size} x {measured.seq_len} tokens per micro-batch"
+        f"measured on {result.device}: {measured.batch_size} x {_sample_words(measured)} per micro-batch"
         + (f", {measured.gradient_accumulation} micro-batches per step" if measured.gradient_accumulation > 1 else "")
         + f", gradient checkpointing {'on' if measured.gradient_checkpointing else 'off'}, "
         f"peak over {len(result.losses)} optimizer steps",

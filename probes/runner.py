@@ -36,11 +36,10 @@ from peftpick.probes.data import (
     ByteTokens,
     ModelTokens,
     ProbeData,
-    load_probe_data,
     pack_blocks,
     tokenizer_files_in,
 )
-from peftpick.probes.job import PROTOCOL_VERSION, ProbeJob
+from peftpick.probes.job import PROTOCOL_VERSION, WORKLOAD_ENV, ProbeJob, ProbeProgram, probe_program
 from peftpick.probes.results import fit_loss_slope
 from peftpick.types import GIB, Architecture, Candidate, ProbeResult, TrainingPlan, TrainingShape
 
@@ -75,6 +74,8 @@ class ProbeOptions:
     """How to probe; every value is checked here, once.
 
     batch_size / seq_len / gradient_checkpointing: the setting tried first when the caller gives no shapes.
+    resolution / frames: diffusion denoisers' training images (pixels per side) and video frames per clip, in that
+        setting; None: the model's usual (causal LMs take neither).
     steps: measured optimizer steps after `warmup_steps` (peaks cover both; speed only the measured ones).
     device: "cuda", "cuda:N" or "cpu"; None picks the GPU when there is one (CPU probes measure no memory).
     learning_rate: None uses each method's benchmark learning rate.
@@ -99,6 +100,8 @@ class ProbeOptions:
     response_field: str | None = None
     learning_rate: float | None = None
     seed: int = 0
+    resolution: int | None = None
+    frames: int | None = None
 
     def __post_init__(self) -> None:
         _whole(self.steps, "steps", minimum=2, fix="probe at least 2 optimizer steps, e.g. --steps 10")
@@ -106,6 +109,10 @@ class ProbeOptions:
         _whole(self.batch_size, "batch size", minimum=1, fix="pass e.g. --batch-size 4")
         _whole(self.seq_len, "sequence length", minimum=2, fix="pass e.g. --seq-len 768")
         _whole(self.seed, "seed", minimum=0, fix="use a non-negative seed")
+        if self.resolution is not None:
+            _whole(self.resolution, "resolution", minimum=8, fix="pass pixels per side, e.g. --resolution 512")
+        if self.frames is not None:
+            _whole(self.frames, "frame count", minimum=1, fix="pass frames per clip, e.g. --frames 33")
         if self.device is not None:
             kind, _, index = str(self.device).strip().lower().partition(":")
             if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
@@ -179,18 +186,16 @@ def run_probes(model: Any, candidates: Sequence[Candidate], shapes: ShapesArgume
     from peftpick.knowledge.architectures import resolve_model
 
     arch = model if isinstance(model, Architecture) else resolve_model(model)
+    program = probe_program(arch.workload)  # what a probe of this kind of model does (see job.ProbeProgram)
     device, device_name = choose_device(options.device)
-    if device == "cpu":
-        _check_cpu_size(arch)
-    weights, local_only = weights_source(arch, options.random_weights)
-    first_settings = _first_settings(candidates, shapes, options, arch, device)
+    program.check(arch, options, device)
+    weights, local_only = program.weights_source(arch, options.random_weights)
+    first_settings = _first_settings(candidates, shapes, options, arch, device, program)
     reporter = make_reporter(progress)
     try:
-        data = load_probe_data(options.data, text_field=options.text_field, prompt_field=options.prompt_field,
-                               response_field=options.response_field,
-                               max_chars=_chars_to_read(first_settings, options))
+        data = program.load_data(options, first_settings)
         run = _ProbeRun(arch, list(candidates), first_settings, options, device, device_name, weights, local_only,
-                        data, reporter)
+                        data, reporter, program)
         return run.execute()
     finally:
         reporter.close()
@@ -236,6 +241,11 @@ def _check_cpu_size(arch: Architecture) -> None:
 
 def weights_source(arch: Architecture, random_weights: bool) -> tuple[str | None, bool]:
     """Where the worker loads weights from (None: random weights) and whether only local files may be used."""
+    return probe_program(arch.workload).weights_source(arch, random_weights)
+
+
+def lm_weights_source(arch: Architecture, random_weights: bool) -> tuple[str | None, bool]:
+    """`weights_source` of a causal LM: a folder with weights, a hub id in the cache or reachable."""
     if random_weights:
         return None, True
     fix = "pass --random-weights (random_weights=True) to measure memory and speed without them"
@@ -267,7 +277,7 @@ def _hub_weights_cached(hub_id: str) -> bool:
 
 
 def _first_settings(candidates: Sequence[Candidate], shapes: ShapesArgument, options: ProbeOptions,
-                    arch: Architecture, device: str) -> list[TrainingShape]:
+                    arch: Architecture, device: str, program: ProbeProgram) -> list[TrainingShape]:
     def as_shape(value: Any) -> TrainingShape:
         if isinstance(value, TrainingPlan):
             return value.estimate.shape
@@ -278,7 +288,8 @@ def _first_settings(candidates: Sequence[Candidate], shapes: ShapesArgument, opt
 
     if shapes is None:
         default = TrainingShape(batch_size=options.batch_size, seq_len=options.seq_len,
-                                gradient_checkpointing=options.gradient_checkpointing, dtype=arch.dtype)
+                                gradient_checkpointing=options.gradient_checkpointing, dtype=arch.dtype,
+                                resolution=options.resolution, frames=options.frames)
         chosen = [default] * len(candidates)
     elif isinstance(shapes, (TrainingShape, TrainingPlan)):
         chosen = [as_shape(shapes)] * len(candidates)
@@ -304,7 +315,8 @@ def _first_settings(candidates: Sequence[Candidate], shapes: ShapesArgument, opt
         dtype = "float32" if device == "cpu" else str(shape.dtype).removeprefix("torch.")
         if dtype not in ("bfloat16", "float16", "float32"):
             raise PeftpickError(f"unsupported dtype {dtype!r}", "use bfloat16, float16 or float32")
-        settings.append(dataclasses.replace(shape, optimizer=candidate.optimizer, dtype=dtype))
+        settings.append(program.first_shape(arch, dataclasses.replace(shape, optimizer=candidate.optimizer,
+                                                                      dtype=dtype)))
     return settings
 
 
@@ -324,8 +336,9 @@ def _chars_to_read(settings: Sequence[TrainingShape], options: ProbeOptions) -> 
 class _ProbeRun:
     def __init__(self, arch: Architecture, candidates: list[Candidate], settings: list[TrainingShape],
                  options: ProbeOptions, device: str, device_name: str, weights: str | None, local_only: bool,
-                 data: ProbeData, reporter: Reporter):
+                 data: ProbeData, reporter: Reporter, program: ProbeProgram | None = None):
         self.arch = arch
+        self.program = program or probe_program(arch.workload)
         self.candidates = candidates
         self.settings = settings
         self.options = options
@@ -337,7 +350,7 @@ class _ProbeRun:
         self.reporter = reporter
         self.folder: Path | None = None
         self.pool: _WorkerPool | None = None
-        self.tokens: tuple[Path, tuple[str, ...]] | None = None
+        self.tokens: tuple[str, tuple[str, ...]] | None = None
 
     def execute(self) -> list[ProbeResult]:
         results: dict[int, ProbeResult] = {}
@@ -356,7 +369,7 @@ class _ProbeRun:
             if to_run:
                 # Workers start importing now, while the data is tokenized.
                 self.folder = Path(tempfile.mkdtemp(prefix="peftpick-probe-"))
-                self.pool = _WorkerPool(self.folder)
+                self.pool = _WorkerPool(self.folder, {WORKLOAD_ENV: self.arch.workload.value})
                 self.pool.prestart(min(self._spares, len(to_run)))
             for position, index in enumerate(to_run):
                 candidate, shape = self.candidates[index], self.settings[index]
@@ -397,7 +410,7 @@ class _ProbeRun:
             "steps": self.options.steps, "warmup_steps": self.options.warmup_steps, "seed": self.options.seed,
             "data": self.data.identity,
             "device": self.device_name,
-            "versions": _library_versions(),
+            "versions": _library_versions(self.program.library_names),
         }
 
     def _model_source(self) -> str:
@@ -434,19 +447,12 @@ class _ProbeRun:
         assert result is not None
         return dataclasses.replace(result, oom_settings=tuple(out_of_memory))  # none fits: every one tried
 
-    def _tokens(self) -> tuple[Path, tuple[str, ...]]:
-        """The packed token blocks, made once per run (on the first probe that is not cached)."""
+    def _tokens(self) -> tuple[str, tuple[str, ...]]:
+        """The program's inputs (a causal LM's packed token blocks), made once per run, on the first probe that is
+        not cached."""
         if self.tokens is None:
             assert self.folder is not None
-            self.reporter.message("tokenizing the probe data")
-            encoder = _encoder(self.arch, self.weights, self.local_only)
-            seq_len = max(shape.seq_len for shape in self.settings)
-            blocks, notes = pack_blocks(self.data, encoder, seq_len, _blocks_needed(self.settings, self.options))
-            import torch
-
-            path = self.folder / "tokens.pt"
-            torch.save(blocks, path)
-            self.tokens = (path, (f"tokens: {encoder.name}", *notes))
+            self.tokens = self.program.prepare_inputs(self)
         return self.tokens
 
     def _run_job(self, index: int, job: ProbeJob, following: int) -> _Outcome:
@@ -500,10 +506,24 @@ class _ProbeRun:
         )
 
 
-def _library_versions() -> dict[str, str]:
+def pack_tokens(run: _ProbeRun) -> tuple[str, tuple[str, ...]]:
+    """A causal LM's inputs: the run's data tokenized and packed into blocks (`ProbeProgram.prepare_inputs`)."""
+    assert run.folder is not None
+    run.reporter.message("tokenizing the probe data")
+    encoder = _encoder(run.arch, run.weights, run.local_only)
+    seq_len = max(shape.seq_len for shape in run.settings)
+    blocks, notes = pack_blocks(run.data, encoder, seq_len, _blocks_needed(run.settings, run.options))
+    import torch
+
+    path = run.folder / "tokens.pt"
+    torch.save(blocks, path)
+    return str(path), (f"tokens: {encoder.name}", *notes)
+
+
+def _library_versions(names: Sequence[str] = ("torch", "transformers", "peft", "peftpick")) -> dict[str, str]:
     """Versions that go into cache keys, read without importing the libraries."""
     versions = {}
-    for name in ("torch", "transformers", "peft", "peftpick"):
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -554,7 +574,7 @@ def _hub_tokenizer_cached(hub_id: str) -> bool:
 class _Worker:
     """One worker process: its job goes in on stdin, events come back on a pipe, output goes to a log file."""
 
-    def __init__(self, folder: Path, number: int):
+    def __init__(self, folder: Path, number: int, env: Mapping[str, str] | None = None):
         self.number = number
         self.log_path = folder / f"worker-{number}.log"
         read_end, write_end = os.pipe()
@@ -564,7 +584,7 @@ class _Worker:
                 [sys.executable, *WORKER_COMMAND, "--events-fd", str(write_end)],
                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_end,),
                 start_new_session=True,  # the terminal's Ctrl-C goes to the parent only, which ends workers
-                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
             )
         os.close(write_end)
         self._events = read_end
@@ -625,14 +645,15 @@ class _Worker:
 
 
 class _WorkerPool:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, env: Mapping[str, str] | None = None):
         self.folder = folder
+        self.env = dict(env or {})  # what every worker gets beside this process's environment
         self.spares: list[_Worker] = []
         self.started = 0
 
     def _start(self) -> _Worker:
         self.started += 1
-        return _Worker(self.folder, self.started)
+        return _Worker(self.folder, self.started, self.env)
 
     def prestart(self, count: int) -> None:
         while len(self.spares) < count:

@@ -24,12 +24,36 @@ def _gib(n_bytes: int | None) -> str:
 
 def _setting(result: ProbeResult) -> str:
     shape = result.shape
-    words = f"{shape.batch_size}x{shape.seq_len}"
+    words = f"{shape.batch_size}x{_sample_words(shape)}"
     if shape.gradient_accumulation > 1:
         words += f" acc{shape.gradient_accumulation}"
     if shape.gradient_checkpointing:
         words += " ckpt"
     return words
+
+
+def _sample_words(shape) -> str:
+    """One sample of a setting: "768" tokens, or a denoiser's "512px" image / "33f@480px" clip."""
+    if shape.resolution is None:
+        return str(shape.seq_len)
+    return (f"{shape.frames}f@" if shape.frames else "") + f"{shape.resolution}px"
+
+
+def _speed_unit(results: Sequence[ProbeResult]) -> str:
+    """What the speed column counts: tokens (language models), or images / clips per second (denoisers, whose
+    `tokens_per_second` counts latent image tokens: the column shows samples instead, effective batch / step)."""
+    shapes = [r.shape for r in results]
+    if not shapes or any(shape.resolution is None for shape in shapes):
+        return "Tokens/s"
+    return "Clips/s" if any(shape.frames for shape in shapes) else "Images/s"
+
+
+def _speed(result: ProbeResult, unit: str) -> str:
+    if unit == "Tokens/s":
+        return "-" if result.tokens_per_second is None else f"{result.tokens_per_second:,.0f}"
+    if not result.step_seconds:
+        return "-"
+    return f"{result.shape.effective_batch / result.step_seconds:,.2f}"
 
 
 def _loss(result: ProbeResult) -> str:
@@ -66,7 +90,8 @@ def print_probe_table(model: str, results: Sequence[ProbeResult], console: Any) 
     columns = [("Method", "left"), ("Status", "left"), ("Setting", "left")]
     if memory:
         columns += [("Peak alloc GiB", "right"), ("Peak reserved GiB", "right"), ("NVML GiB", "right")]
-    columns += [("Tokens/s", "right"), ("Loss", "right"), ("Slope/step ± s.e.", "right")]
+    unit = _speed_unit(results)
+    columns += [(unit, "right"), ("Loss", "right"), ("Slope/step ± s.e.", "right")]
     for header, justify in columns:  # cells fold rather than being cut off when the terminal is narrow
         table.add_column(header, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for result in results:
@@ -74,8 +99,7 @@ def print_probe_table(model: str, results: Sequence[ProbeResult], console: Any) 
         if memory:
             cells += [_gib(result.peak_allocated_bytes), _gib(result.peak_reserved_bytes),
                       _gib(result.nvml_used_bytes)]
-        cells += ["-" if result.tokens_per_second is None else f"{result.tokens_per_second:,.0f}",
-                  _loss(result), _slope(result)]
+        cells += [_speed(result, unit), _loss(result), _slope(result)]
         table.add_row(*cells)
     console.print(table)
     for line in footnotes(results):
@@ -90,10 +114,13 @@ def footnotes(results: Sequence[ProbeResult]) -> list[str]:
     versions = next((r.versions for r in results if r.versions), None)
     if versions:
         lines.append("Versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()))
-    data = next((r.data for r in results if r.data), "")
-    if data:
-        lines.append(f"Data: {data}; every batch packed to the full sequence length (the worst case for memory).")
-    for note in dict.fromkeys(note for r in results for note in r.notes):
+    data = next((r for r in results if r.data), None)
+    if data is not None and data.shape.resolution is None:
+        lines.append(f"Data: {data.data}; every batch packed to the full sequence length (the worst case for memory).")
+    elif data is not None:
+        lines.append(f"Data: {data.data}.")
+    said = data.data if data is not None else ""
+    for note in dict.fromkeys(note for r in results for note in r.notes if note not in said):
         lines.append(f"Note: {note}")
     timed = [r for r in results if r.wall_seconds is not None and not r.from_cache]
     if timed:

@@ -10,17 +10,20 @@ up in a log file): ready, started, loaded, step (with the loss and the live peak
 
 The loop is the one the memory estimator models (estimator/training.py), with gradient accumulation around it:
 
-    for each micro-batch: out = model(input_ids=x, labels=x); (out.loss / accumulation).backward()
+    for each micro-batch: out, loss = program.forward(model, batch); (loss / accumulation).backward()
     clip_grad_norm_(trainable, 1.0); optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
-`out` is kept until the next forward rebinds it, as in that loop. Peak statistics are reset once the model,
-adapter and optimizer are built, so the peaks cover every training step (the warm-up step included, where the
+What the model is, what a batch is and what its loss is belong to the job's workload (`job.probe_program`): the
+causal LM's program is here (`out = model(input_ids=x, labels=x)`, loss `out.loss`), a diffusion denoiser's in
+`peftpick.probes.diffusion`. `out` and the batch are kept until the next forward rebinds them, as in that loop.
+Peak statistics are reset once the model, adapter and optimizer are built, so the peaks cover every training step (the warm-up step included, where the
 optimizer state first appears) with the weights resident, but not transient loading buffers.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -32,7 +35,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from peftpick.probes.job import FAULTS_ENV, ProbeJob
+from peftpick.probes.job import FAULTS_ENV, WORKLOAD_ENV, ProbeJob, ProbeProgram, probe_program
+from peftpick.types import Workload
 
 Send = Callable[..., None]
 WEIGHT_DECAY = 0.1  # as in the benchmark runs and the estimator
@@ -51,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         events.write(json.dumps(message) + "\n")
 
     started = time.time()
-    import peft  # noqa: F401  the heavy imports, done before the job arrives
-    import torch  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401
+    # the heavy imports, done before the job arrives: those of the workload the parent is probing
+    probe_program(os.environ.get(WORKLOAD_ENV) or Workload.CAUSAL_LM).preload()
 
     send(event="ready", at=time.time(), import_seconds=time.time() - started)
     line = sys.stdin.readline().strip()
@@ -102,10 +105,11 @@ class _Probe:
 
         self.job = job
         self.send = send
+        self.program: ProbeProgram = probe_program(job.workload)
         self.device = torch.device(job.device)
         self.cuda = self.device.type == "cuda"
         self.phases: dict[str, float] = {}
-        self.record: dict[str, Any] = {"losses": [], "versions": _versions(None)}
+        self.record: dict[str, Any] = {"losses": [], "versions": _versions(None, self.program)}
         self._clock = time.perf_counter()
 
     def _lap(self, phase: str) -> None:
@@ -124,12 +128,12 @@ class _Probe:
             nvml = NvmlMemory.open(device_index(job.device))  # baseline before this process touches the GPU
             torch.cuda.set_device(self.device)
             torch.empty(1, device=self.device)  # creates the CUDA context now, so "load" is only the model
-            self.record["versions"] = _versions(torch.cuda.get_device_name(self.device))
+            self.record["versions"] = _versions(torch.cuda.get_device_name(self.device), self.program)
         self._lap("cuda_init")
 
         model, trainable = self._model()
         optimizer = self._optimizer(model, trainable)
-        tokens = torch.load(job.tokens_path, weights_only=True)
+        next_batch = self.program.batches(job, self.device, getattr(torch, job.shape.dtype))
         self.record.update(_parameter_counts(model))
         self.send(event="loaded", trainable=self.record["trainable"], total=self.record["total"])
         if self.cuda:
@@ -139,8 +143,6 @@ class _Probe:
 
         fault = _fault_for(job)
         shape = job.shape
-        rows = tokens.shape[0]
-        cursor = 0
         out = None
         step_seconds: list[float] = []
         for step in range(1, job.total_steps + 1):
@@ -149,11 +151,8 @@ class _Probe:
             began = time.perf_counter()
             micro_losses = []
             for _ in range(shape.gradient_accumulation):
-                rows_now = [(cursor + offset) % rows for offset in range(shape.batch_size)]
-                cursor += shape.batch_size
-                x = tokens[rows_now].to(self.device)
-                out = model(input_ids=x, labels=x)
-                loss = out.loss
+                batch = next_batch(shape.batch_size)
+                out, loss = self.program.forward(model, batch)
                 (loss / shape.gradient_accumulation if shape.gradient_accumulation > 1 else loss).backward()
                 micro_losses.append(loss.detach())
             torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
@@ -186,24 +185,12 @@ class _Probe:
 
     def _model(self):
         import torch
-        from transformers import AutoModelForCausalLM
 
         job = self.job
-        dtype = getattr(torch, job.shape.dtype)
         torch.manual_seed(job.seed)
-        if job.weights is None:
-            from peftpick.knowledge.architectures import build_config
-
-            with torch.device(self.device):
-                model = AutoModelForCausalLM.from_config(build_config(job.architecture), dtype=dtype)
-        else:
-            options: dict[str, Any] = {"dtype": dtype, "local_files_only": job.local_files_only}
-            if self.cuda:
-                options["device_map"] = {"": self.device.index or 0}  # load straight onto the GPU
-            model = AutoModelForCausalLM.from_pretrained(job.weights, **options)
+        model = self.program.build_model(job, self.device, getattr(torch, job.shape.dtype))
         if job.shape.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+            self.program.enable_gradient_checkpointing(model)
         config = job.candidate.peft_config()
         if config is None:
             model.requires_grad_(True)
@@ -229,6 +216,106 @@ class _Probe:
             return create_lorafa_optimizer(model, r=config.r, lora_alpha=config.lora_alpha, lr=job.learning_rate,
                                            weight_decay=WEIGHT_DECAY, use_rslora=config.use_rslora)
         return torch.optim.AdamW(trainable, lr=job.learning_rate, weight_decay=WEIGHT_DECAY)
+
+
+# ------------------------------------------------------------------------------------------- the causal LM
+
+
+class CausalLMProgram(ProbeProgram):
+    """A causal LM's probe: packed token blocks of the user's data (or the built-in sample), labels = inputs."""
+
+    workload = Workload.CAUSAL_LM
+
+    @property
+    def default_methods(self) -> tuple[str, ...]:  # type: ignore[override]
+        from peftpick.probes import DEFAULT_METHODS
+
+        return DEFAULT_METHODS
+
+    # -- the parent's side (the runner's functions: this is what probes did before there were workloads)
+
+    def first_shape(self, arch, shape):
+        from peftpick.errors import PeftpickError
+
+        if shape.resolution is not None or shape.frames is not None:
+            raise PeftpickError(f"a resolution or frame count is for image and video models, and {arch.name} is a "
+                                "causal language model", "leave resolution and frames out; set seq_len instead")
+        return shape
+
+    def check(self, arch, options, device):
+        if device == "cpu":
+            from peftpick.probes.runner import _check_cpu_size
+
+            _check_cpu_size(arch)
+
+    def weights_source(self, arch, random_weights):
+        from peftpick.probes.runner import lm_weights_source
+
+        return lm_weights_source(arch, random_weights)
+
+    def load_data(self, options, settings):
+        from peftpick.probes.data import load_probe_data
+        from peftpick.probes.runner import _chars_to_read
+
+        return load_probe_data(options.data, text_field=options.text_field, prompt_field=options.prompt_field,
+                               response_field=options.response_field, max_chars=_chars_to_read(settings, options))
+
+    def prepare_inputs(self, run):
+        from peftpick.probes.runner import pack_tokens
+
+        return pack_tokens(run)
+
+    def tokens_per_step(self, job):
+        return job.shape.batch_size * job.shape.gradient_accumulation * job.shape.seq_len
+
+    # -- the worker's side
+
+    def preload(self):
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+
+    def build_model(self, job, device, dtype):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if job.weights is None:
+            from peftpick.knowledge.architectures import build_config
+
+            with torch.device(device):
+                return AutoModelForCausalLM.from_config(build_config(job.architecture), dtype=dtype)
+        options: dict[str, Any] = {"dtype": dtype, "local_files_only": job.local_files_only}
+        if device.type == "cuda":
+            options["device_map"] = {"": device.index or 0}  # load straight onto the GPU
+        return AutoModelForCausalLM.from_pretrained(job.weights, **options)
+
+    def enable_gradient_checkpointing(self, model):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+    def batches(self, job, device, dtype):
+        import torch
+
+        tokens = torch.load(job.tokens_path, weights_only=True)
+        rows = tokens.shape[0]
+        cursor = 0
+
+        def next_batch(size: int):
+            nonlocal cursor
+            rows_now = [(cursor + offset) % rows for offset in range(size)]
+            cursor += size
+            return tokens[rows_now].to(device)
+
+        return next_batch
+
+    def forward(self, model, batch):
+        out = model(input_ids=batch, labels=batch)
+        return out, out.loss
+
+
+def causal_lm_program() -> CausalLMProgram:
+    """The `probe_program` hook of causal LMs (peftpick.workloads)."""
+    return CausalLMProgram()
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -270,7 +357,7 @@ def _breakdown(model, optimizer, trainable, device, peak: int, full: bool) -> di
     return {name: value for name, value in parts.items() if value or name == "weights"}
 
 
-def _versions(gpu: str | None) -> dict[str, str]:
+def _versions(gpu: str | None, program: ProbeProgram | None = None) -> dict[str, str]:
     import platform
 
     import peft
@@ -281,6 +368,9 @@ def _versions(gpu: str | None) -> dict[str, str]:
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                 "python": platform.python_version(), "peftpick": __version__}
+    for name in (program.library_names if program is not None else ()):
+        if name not in versions:
+            versions[name] = getattr(importlib.import_module(name), "__version__", "unknown")
     if torch.version.cuda:
         versions["cuda"] = torch.version.cuda
     if gpu:

@@ -14,7 +14,7 @@ from typing import Any
 from peftpick.errors import PeftpickError
 from peftpick.recommender.planning import CONTEXT_RESERVE_BYTES, FIT_HEADROOM, Planner, WorkerPool, fit_of
 from peftpick.recommender.ranking import GOAL_WEIGHTS, Assessed, quality_of, rank, speed_of
-from peftpick.recommender.request import validate_request
+from peftpick.recommender.request import validate_for_model, validate_request
 from peftpick.types import (
     GIB,
     Candidate,
@@ -26,9 +26,10 @@ from peftpick.types import (
     Request,
     Serve,
     TrainingPlan,
+    TrainingShape,
 )
-
-BENCHMARK = "MetaMathQA"  # the text benchmark: the one whose base model is a causal LM like the user's
+from peftpick.knowledge.benchmarks import LORA_REFERENCE
+from peftpick.workloads import CAUSAL_LM, WorkloadSpec, workload_of
 PROBE_TOP = 8  # candidates probed before ranking
 TOP_COMPARED = 5  # candidates whose quality intervals the report compares
 
@@ -38,13 +39,16 @@ Progress = Callable[[str], None]
 def recommend(
     model: Any,
     vram_gb: float | None = None,
-    serve: str = "vllm",
+    serve: str | None = None,
     multi_adapter: bool = False,
     quant: str = "none",
     goal: str = "balanced",
     seq_len: int = 768,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     *,
+    resolution: int | None = None,
+    frames: int | None = None,
+    cached_inputs: bool = True,
     methods: list[str] | None = None,
     kb: Any = None,
     progress: Progress | None = None,
@@ -57,8 +61,14 @@ def recommend(
 ) -> Recommendation:
     """Rank PEFT methods for training `model` on a GPU with `vram_gb` GiB and serving on `serve`.
 
-    model: bundled name (see `peftpick models`), local folder or config.json, hub id, or a PretrainedConfig.
+    model: bundled name (see `peftpick models`), local folder or config.json (or a diffusers folder), hub id, or a
+        PretrainedConfig.
     vram_gb: GiB of the training GPU; None reads the local GPU through NVML.
+    serve: the serving stack (an LM engine, or for a denoiser an image tool); None: vLLM for language models,
+        diffusers for denoisers. batch_size: the effective batch; None: 4 for language models, 2 for denoisers.
+    resolution, frames: a denoiser's training images (pixels per side) and, for video models, frames per clip
+        (None: the model's usual). cached_inputs: text embeddings and latents computed beforehand, so the text
+        encoders and VAE are off the GPU while training (the usual low-memory recipe).
     methods: restrict to these catalogue keys (default: every method).
     workers: processes estimating memory at once (default 1: forking is unsafe in a process that has run
         multi-threaded CPU work, which a training script has; the command line passes `default_workers()`).
@@ -68,7 +78,8 @@ def recommend(
     probe_steps: measured optimizer steps per probe. data: the probes' training data (see `peftpick.probe`).
     probe_device: "cuda", "cuda:N" or "cpu"; None: the GPU when there is one.
     """
-    request = validate_request(model, vram_gb, serve, multi_adapter, quant, goal, seq_len, batch_size)
+    request = validate_request(model, vram_gb, serve, multi_adapter, quant, goal, seq_len, batch_size, resolution,
+                               frames, cached_inputs)
     if probe not in (None, True, False):
         raise PeftpickError(f"probe must be True, False or None (automatic), got {probe!r}",
                             "pass probe=False for estimates only")
@@ -101,13 +112,19 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
     kb = kb or KnowledgeBase.load()
     say(f"resolving {request.model}")
     arch = resolve_model(model, kb.architectures)
+    request = validate_for_model(request, arch)
+    workload = workload_of(arch)
     candidates, excluded = candidates_for(arch, kb, methods)
     if not candidates:
         if methods and excluded:  # the user named the methods: say why the first cannot be used
             raise PeftpickError(excluded[0].reason)
         raise PeftpickError(f"no method in the catalogue can be applied to {arch.name}", "check `peftpick models` and --methods")
 
-    planner = Planner(arch, request.vram_gib, request.batch_size, request.seq_len, request.quant)
+    base_shape = TrainingShape(seq_len=request.seq_len, resolution=request.resolution, frames=request.frames,
+                               cached_inputs=request.cached_inputs,
+                               **({"dtype": arch.dtype} if arch.denoiser is not None else {}))
+    planner = Planner(arch, request.vram_gib, request.batch_size, request.seq_len, request.quant,
+                      base_shape=base_shape)
     serving = _ServingJudge(kb, request, arch)
     allowed = []
     for candidate in candidates:
@@ -128,8 +145,9 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
             kept.append((candidate, plan))
 
     say("fitting the quality model to the benchmark runs")
-    assessor = QualityAssessor.from_knowledge(kb, BENCHMARK)
-    lora_speeds = _benchmark_speeds(kb)
+    assessor = QualityAssessor.from_knowledge(kb, workload.benchmark)
+    lora_speeds = _benchmark_speeds(kb, workload.benchmark)
+    drifts = _benchmark_drifts(kb, workload.benchmark)
     full_model_bytes = _full_model_bytes(arch)
 
     def assess(candidate: Candidate, plan: TrainingPlan, probe: ProbeResult | None = None,
@@ -142,7 +160,8 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
                                   losses, reference_losses)
         speed, speed_source, measured = _speed(candidate, probe, reference, lora_speeds)
         return Assessed(candidate, plan, serving(candidate),
-                        _evidence(candidate, kb), quality, speed, speed_source, full_model_bytes, probe, measured)
+                        _evidence(candidate, kb, workload.benchmark), quality, speed, speed_source, full_model_bytes,
+                        probe, measured, drifts.get(candidate.benchmark_run or ""))
 
     assessed = [assess(candidate, plan) for candidate, plan in kept]
     probes: tuple[ProbeResult, ...] = ()
@@ -167,17 +186,17 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
             updated.append(assess(item.candidate, plan, result, reference, use_losses))
         assessed = updated
 
-    ranked = rank(assessed, request.goal, request.vram_gib)
+    ranked = rank(assessed, request.goal, request.vram_gib, with_drift=bool(drifts))
     ranked = _with_runner_up_advice(ranked, assessed, request)
     uncertainty = _uncertainty(ranked)
     return Recommendation(
         request=request,
         architecture=arch,
-        assumptions=_assumptions(request, arch, probes, gpu_name, probing.wanted),
+        assumptions=_assumptions(request, arch, probes, gpu_name, probing.wanted, workload),
         ranked=tuple(ranked),
         excluded=tuple(excluded),
         gpu=gpu_name,
-        verdict=_verdict(ranked, excluded, request, arch, uncertainty),
+        verdict=_verdict(ranked, excluded, request, arch, uncertainty, workload),
         goal_weights=dict(GOAL_WEIGHTS[request.goal]),
         uncertainty=uncertainty,
         probes=probes,
@@ -226,11 +245,12 @@ def _run_probes(arch, shortlist: list[Assessed], request: Request, probing: Prob
     except PeftpickError:
         random_weights = True  # memory and speed are the same; losses from random weights say nothing of quality
     options = ProbeOptions(steps=probing.steps, batch_size=request.batch_size, seq_len=request.seq_len,
-                           random_weights=random_weights, device=probing.device, data=probing.data)
+                           random_weights=random_weights, device=probing.device, data=probing.data,
+                           resolution=request.resolution, frames=request.frames)
     shapes = {item.candidate.method: item.plan for item in shortlist}
     results = run_probes(arch, [item.candidate for item in shortlist], shapes, options,
                          progress=progress if progress is not None else False)
-    return tuple(results), not random_weights
+    return tuple(results), not random_weights and workload_of(arch).probe_losses_inform_quality
 
 
 def _measured_plan(item: Assessed, result: ProbeResult, request: Request) -> tuple[TrainingPlan, Exclusion | None]:
@@ -245,7 +265,7 @@ def _measured_plan(item: Assessed, result: ProbeResult, request: Request) -> tup
         return item.plan, Exclusion(
             item.candidate.method, label, "memory",
             f"{label}: ran out of memory on {result.device} (measured by a probe) even with micro-batch "
-            f"{tried.batch_size} and gradient checkpointing; use a larger GPU, a shorter --seq-len or --quant 4bit")
+            f"{tried.batch_size} and gradient checkpointing; {_shrink_hint(request)}")
     if result.status != "ok" or result.peak_reserved_bytes is None:
         return item.plan, None  # not measured (CPU, or the probe failed): the estimate stands
     estimate = probe_to_estimate(result, estimate=item.plan.estimate)
@@ -256,7 +276,7 @@ def _measured_plan(item: Assessed, result: ProbeResult, request: Request) -> tup
         return item.plan, Exclusion(
             item.candidate.method, label, "memory",
             f"{label}: needs {need:.1f} GiB measured on {result.device} with micro-batch {shape.batch_size}, more "
-            f"than {request.vram_gib:g} GiB; use a larger GPU, a shorter --seq-len or --quant 4bit")
+            f"than {request.vram_gib:g} GiB; {_shrink_hint(request)}")
     plan = dataclasses.replace(item.plan, micro_batch=shape.batch_size,
                                gradient_accumulation=shape.gradient_accumulation,
                                gradient_checkpointing=shape.gradient_checkpointing, estimate=estimate, fit=fit)
@@ -266,13 +286,26 @@ def _measured_plan(item: Assessed, result: ProbeResult, request: Request) -> tup
 # ------------------------------------------------------------------------------------ speed and size
 
 
-def _benchmark_speeds(kb) -> dict[str, float]:
-    """Training time of the LoRA reference over each run's, by experiment."""
+def _benchmark_speeds(kb, benchmark: str) -> dict[str, float]:
+    """Training time of the LoRA reference over each run's, by experiment (per step: full fine-tuning's image
+    run trained fewer steps)."""
     table = kb.benchmarks
-    lora_time = float(table.lora_reference(BENCHMARK)["train_time"])
-    frame = table.frame[table.frame["benchmark"] == BENCHMARK]
-    return {str(row["experiment"]): lora_time / float(row["train_time"])
+    reference = table.lora_reference(benchmark)
+    lora_step = float(reference["train_time"]) / max(float(reference["max_steps"]), 1.0)
+    frame = table.frame[table.frame["benchmark"] == benchmark]
+    return {str(row["experiment"]): lora_step / (float(row["train_time"]) / max(float(row["max_steps"]), 1.0))
             for _, row in frame.iterrows() if float(row["train_time"]) > 0}
+
+
+def _benchmark_drifts(kb, benchmark: str) -> dict[str, float]:
+    """Drift (how far outputs for unrelated prompts move; lower is better) of each run, by experiment; empty when
+    the benchmark measures none (MetaMathQA)."""
+    import math
+
+    frame = kb.benchmarks.frame
+    frame = frame[frame["benchmark"] == benchmark]
+    return {str(row["experiment"]): float(row["drift"]) for _, row in frame.iterrows()
+            if isinstance(row["drift"], float) and math.isfinite(row["drift"])}
 
 
 def _speed(candidate: Candidate, probe: ProbeResult | None, reference: ProbeResult | None,
@@ -292,10 +325,8 @@ def _speed(candidate: Candidate, probe: ProbeResult | None, reference: ProbeResu
 
 
 def _full_model_bytes(arch) -> int:
-    from peftpick.knowledge.architectures import count_parameters
-
     bytes_per_value = 4 if str(arch.dtype).endswith("float32") else 2
-    return count_parameters(arch) * bytes_per_value
+    return workload_of(arch).hook("count_parameters")(arch) * bytes_per_value
 
 
 def _uncertainty(ranked: list[RankedCandidate]) -> tuple[str, ...]:
@@ -326,17 +357,24 @@ class _ServingJudge:
     """Serving verdicts for one request: the stack's installed version is looked up once."""
 
     def __init__(self, kb, request: Request, arch=None):
+        from peftpick.knowledge import ImageLaunchArgs
         from peftpick.knowledge.serving import LaunchArgs, installed_version
 
         self._kb, self._request = kb, request
         stack = kb.stack(request.serve)
         self.installed = installed_version(stack) if stack is not None else None
-        named = (arch.local_path or arch.hub_id) if arch is not None else None
-        self._launch = LaunchArgs(base=named or request.model)
+        named = ((arch.local_path or arch.hub_id) if arch is not None else None) or request.model
+        denoiser = arch.denoiser if arch is not None else None
+        self._family = denoiser.family if denoiser is not None else None
+        self._launch = (ImageLaunchArgs(base=named, pipeline=denoiser.pipeline_class or "DiffusionPipeline",
+                                        denoiser_class=denoiser.diffusers_class,
+                                        component="unet" if denoiser.diffusers_class.startswith("UNet")
+                                        else "transformer")
+                        if denoiser is not None else LaunchArgs(base=named))
 
     def __call__(self, candidate: Candidate):
         return self._kb.serving_verdict(self._request.serve, candidate, self._request.multi_adapter,
-                                        self.installed, self._launch)
+                                        self.installed, self._launch, family=self._family)
 
 
 def _constraint_violation(candidate: Candidate, request: Request, kb,
@@ -360,26 +398,32 @@ def _constraint_violation(candidate: Candidate, request: Request, kb,
     return None
 
 
+def _shrink_hint(request: Request) -> str:
+    """What to change when nothing fits: the GPU, the size of a sample, the base's precision."""
+    if request.resolution is not None:  # a denoiser
+        return "use a larger GPU, a lower --resolution" + (" or fewer --frames" if request.frames else "")
+    return "use a larger GPU, a shorter --seq-len or --quant 4bit"
+
+
 def _memory_exclusion(candidate: Candidate, plan, request: Request) -> Exclusion:
     need = (plan.estimate.peak_reserved_bytes + CONTEXT_RESERVE_BYTES) / GIB
     return Exclusion(
         candidate.method, candidate.display_name, "memory",
         f"{candidate.display_name}: needs about {need:.1f} GiB even with micro-batch {plan.micro_batch} and "
-        f"gradient checkpointing (estimated), more than {request.vram_gib:g} GiB; use a larger GPU, a shorter "
-        f"--seq-len or --quant 4bit",
+        f"gradient checkpointing (estimated), more than {request.vram_gib:g} GiB; {_shrink_hint(request)}",
     )
 
 
 # ------------------------------------------------------------------------------------ evidence
 
 
-def _evidence(candidate: Candidate, kb):
+def _evidence(candidate: Candidate, kb, benchmark: str):
     """The benchmark run behind the candidate's settings, or None."""
     table = kb.benchmarks
     run = candidate.benchmark_run
-    if run is None or not table.has(BENCHMARK, run):
+    if run is None or not table.has(benchmark, run):
         return None
-    return table.evidence(BENCHMARK, run)
+    return table.evidence(benchmark, run)
 
 
 # ------------------------------------------------------------------------------------ words
@@ -388,8 +432,10 @@ def _evidence(candidate: Candidate, kb):
 def _settings_words(ranked: RankedCandidate) -> str:
     kwargs = ranked.candidate.peft_kwargs
     parts = []
-    if "r" in kwargs:
-        parts.append(f"r={kwargs['r']}")
+    # the method's size setting (OFT and BOFT save r=0 and size their blocks instead)
+    size_key = next((key for key in ("r", "oft_block_size", "boft_block_size") if kwargs.get(key) not in (None, 0)), None)
+    if size_key is not None:
+        parts.append(f"{size_key}={kwargs[size_key]}")
     if "lora_alpha" in kwargs:
         parts.append(f"alpha={kwargs['lora_alpha']}")
     targets = kwargs.get("target_modules")
@@ -399,7 +445,7 @@ def _settings_words(ranked: RankedCandidate) -> str:
 
 
 def _verdict(ranked: list[RankedCandidate], excluded: list[Exclusion], request: Request, arch,
-             uncertainty: tuple[str, ...] = ()) -> str:
+             uncertainty: tuple[str, ...] = (), workload: WorkloadSpec = CAUSAL_LM) -> str:
     stack = "no particular serving stack" if request.serve is Serve.NONE else request.serve.value
     if not ranked:
         reasons = {e.constraint for e in excluded}
@@ -428,8 +474,8 @@ def _verdict(ranked: list[RankedCandidate], excluded: list[Exclusion], request: 
         words.append(f"Runner-up: {second.candidate.display_name}" + (f"; prefer it when {second.prefer_when}" if second.prefer_when else "") + ".")
     if uncertainty and best.candidate.display_name in uncertainty[0]:
         words.append(uncertainty[0])
-    words.append(f"The benchmark is one model (Llama-3.2-3B on {BENCHMARK}): its scores are a prior for your "
-                 "model and task; a probe on your model is the check.")
+    words.append(f"The benchmark is one model ({workload.benchmark_model} on {workload.benchmark}): its scores are a "
+                 "prior for your model and task; a probe on your model is the check.")
     return " ".join(words)
 
 
@@ -461,12 +507,34 @@ def _with_runner_up_advice(ranked: list[RankedCandidate], assessed: list[Assesse
     return ranked
 
 
+def _shape_words(request: Request, arch) -> str:
+    """What one training batch is, in words, with the options that change it."""
+    denoiser = arch.denoiser
+    if denoiser is None:
+        defaults = (["--seq-len"] if request.seq_len == 768 else []) + ([] if request.batch_given else ["--batch-size"])
+        return (f"sequence length {request.seq_len} and effective batch {request.batch_size}"
+                + (f" (defaults: change with {' and '.join(defaults)})" if defaults else "")
+                + "; every sequence filled to the full length with labels on every token (the worst batch)")
+    side = request.resolution // (denoiser.vae_scale * denoiser.patch)
+    frames = ""
+    tokens = side * side
+    if denoiser.vae_temporal and request.frames:
+        latent_frames = 1 + (request.frames - 1) // denoiser.vae_temporal
+        frames = f", {request.frames} frames ({latent_frames} latent frames)"
+        tokens *= latent_frames
+    inputs = ("text embeddings and latents computed beforehand (text encoders and VAE off the GPU while training)"
+              if request.cached_inputs else
+              "text encoders and VAE resident on the GPU in " + arch.dtype + " (modelled from their parameter counts)")
+    loss = {"flow": "flow matching (velocity)", "epsilon": "noise prediction", "v": "v-prediction"}[denoiser.objective]
+    return (f"{request.resolution} x {request.resolution} pixels{frames}: {tokens:,} latent tokens and "
+            f"{denoiser.text_len} text tokens per sample, effective batch {request.batch_size} (change with "
+            f"--resolution{', --frames' if denoiser.vae_temporal else ''} and --batch-size); {loss} loss; {inputs}")
+
+
 def _assumptions(request: Request, arch, probes: tuple[ProbeResult, ...] = (), gpu_name: str | None = None,
-                 probe_wanted: bool | None = False) -> tuple[str, ...]:
+                 probe_wanted: bool | None = False, workload: WorkloadSpec = CAUSAL_LM) -> tuple[str, ...]:
     """What the figures rest on, beyond what the report states from the request itself."""
     weights = GOAL_WEIGHTS[request.goal]
-    defaults = [name for name, value, default in (("--seq-len", request.seq_len, 768), ("--batch-size", request.batch_size, 4))
-                if value == default]
     if gpu_name is not None:
         memory = (f"memory of the {sum(p.status == 'ok' for p in probes)} probed candidates measured on {gpu_name} "
                   "(peak reserved over the probe's optimizer steps); the others are estimates")
@@ -481,9 +549,7 @@ def _assumptions(request: Request, arch, probes: tuple[ProbeResult, ...] = (), g
                   "meta device")
     items = [
         f"base weights in {arch.dtype}" + ("" if request.quant is Quant.NONE else f", quantized to {request.quant.value} with bitsandbytes"),
-        f"sequence length {request.seq_len} and effective batch {request.batch_size}"
-        + (f" (defaults: change with {' and '.join(defaults)})" if defaults else "")
-        + "; every sequence filled to the full length with labels on every token (the worst batch)",
+        _shape_words(request, arch),
         "optimizer: torch AdamW (for LoRA-FA, PEFT's LoRA-FA optimizer); learning rates from the benchmark runs",
         f"'fits' keeps {FIT_HEADROOM:.0%} of the VRAM free after the peak reserved memory plus "
         f"{CONTEXT_RESERVE_BYTES / GIB:.1f} GiB for the CUDA context; 'marginal' fits without that margin",
@@ -499,8 +565,14 @@ def _assumptions(request: Request, arch, probes: tuple[ProbeResult, ...] = (), g
         + ", ".join(f"{axis} {weight:g}" for axis, weight in weights.items())
         + " (quality x LoRA, memory: share of the VRAM left free, speed: x LoRA capped at 2, divided by 2; size: "
         "1 - adapter size / full model size)",
-        f"expected quality: the benchmark run where the candidate is one (interval: the test set's sampling noise), "
-        f"else a random forest fit on the {BENCHMARK} runs (80 % conformal interval); PEFT's method comparison "
-        f"suite, {BENCHMARK}: Llama-3.2-3B, one run per setting, scores relative to plain LoRA r32 on q_proj, v_proj",
+        f"expected quality: the benchmark run where the candidate is one (interval: {workload.run_interval_words}), "
+        f"else a random forest fit on the {workload.benchmark} runs (80 % conformal interval); PEFT's method "
+        f"comparison suite, {workload.benchmark}: {workload.benchmark_model}, one run per setting, "
+        f"{workload.metric_words}, relative to the suite's plain LoRA reference run "
+        f"({LORA_REFERENCE[workload.benchmark]})",
     ]
+    if arch.denoiser is not None:
+        items.append("drift (how far the model's images for unrelated prompts move; lower keeps more of the base "
+                     "model) from each candidate's image run is a fifth Pareto axis; candidates without a run of "
+                     "their own have none")
     return tuple(items)

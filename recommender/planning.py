@@ -61,9 +61,9 @@ def quantized_base(estimate: MemoryEstimate, arch: Architecture, quant: Quant) -
     matmul dequantizes one weight to bf16 for the time of the call. Approximate: not traced."""
     if quant is Quant.NONE:
         return estimate
-    from peftpick.knowledge.targets import decoder_layer_modules
+    from peftpick.workloads import workload_of
 
-    modules = decoder_layer_modules(arch)
+    modules = workload_of(arch).hook("layer_modules")(arch)
     params_per_layer = sum(m.in_features * m.out_features for m in modules)
     largest = max((m.in_features * m.out_features for m in modules), default=0)
     element = 2 if estimate.shape.dtype != "float32" else 4
@@ -90,13 +90,16 @@ class Planner:
     """Plans candidates for one request. Holds the estimates made so far (for this request only)."""
 
     def __init__(self, arch: Architecture, vram_gib: float, batch_size: int, seq_len: int, quant: Quant,
-                 estimator: Estimator | None = None):
+                 estimator: Estimator | None = None, base_shape: TrainingShape | None = None):
+        """`base_shape`: what every planned setting keeps (a denoiser's resolution, frames, cached inputs, the
+        dtype); the planner sets micro-batch, accumulation, checkpointing and the optimizer."""
         self.arch = arch
         self.vram_gib = vram_gib
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.quant = quant
         self._estimator = estimator or _default_estimator
+        self._base_shape = base_shape or TrainingShape(seq_len=seq_len)
         self._estimates: dict[tuple, MemoryEstimate | PeftpickError] = {}
 
     def settings(self, checkpointing: bool = True, plain_first: bool = True) -> list[tuple[int, bool]]:
@@ -179,8 +182,9 @@ class Planner:
             known, shape=self._shape(candidate, micro, ckpt))
 
     def _shape(self, candidate: Candidate, micro: int, ckpt: bool) -> TrainingShape:
-        return TrainingShape(batch_size=micro, seq_len=self.seq_len, gradient_checkpointing=ckpt,
-                             gradient_accumulation=-(-self.batch_size // micro), optimizer=candidate.optimizer)
+        return dataclasses.replace(self._base_shape, batch_size=micro, seq_len=self.seq_len,
+                                   gradient_checkpointing=ckpt, gradient_accumulation=-(-self.batch_size // micro),
+                                   optimizer=candidate.optimizer)
 
 
 class _Scheduler:
@@ -255,9 +259,10 @@ def _better(new: TrainingPlan, old: TrainingPlan | None) -> TrainingPlan:
 
 
 def _default_estimator(arch: Architecture, peft_config: Any, shape: TrainingShape) -> MemoryEstimate:
-    from peftpick.estimator import estimate_architecture
+    from peftpick.workloads import workload_of
 
-    return estimate_architecture(arch, peft_config, dataclasses.replace(shape, gradient_accumulation=1))
+    estimate = workload_of(arch).hook("estimate")
+    return estimate(arch, peft_config, dataclasses.replace(shape, gradient_accumulation=1))
 
 
 def _guarded(estimator: Estimator, job) -> MemoryEstimate | PeftpickError:

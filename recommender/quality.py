@@ -83,6 +83,11 @@ BENCHMARK_MODULE_ROLES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 EARLY_WINDOWS: Mapping[str, tuple[int, int]] = MappingProxyType({"MetaMathQA": (250, 500), "image-gen": (100, 200)})
 # Test-set sizes for the sampling noise of a measured run (GSM8K test). image-gen's DINO score has no such model.
 TEST_SET_SIZE: Mapping[str, int] = MappingProxyType({"MetaMathQA": 1319})
+# Late validation scores whose spread is the noise of a benchmark without a counted test set (image-gen), and the
+# (validation, test) image counts that scale it to the test figure (the suite's run_info.train_config: valid_size
+# 2, test_size 4; a mean over n images has a spread of 1/sqrt(n)).
+LATE_VALIDATIONS = 3
+EVALUATION_IMAGES: Mapping[str, tuple[int, int]] = MappingProxyType({"image-gen": (2, 4)})
 
 STATIC_FEATURES: tuple[str, ...] = ("family", "log_budget", "role_share", "targets_mlp", "log_learning_rate")
 EARLY_FEATURES: tuple[str, ...] = ("early_loss_ratio", "early_drop_ratio")
@@ -243,10 +248,24 @@ def _number(value: Any) -> float:
         return math.nan
 
 
-def _decoder_layer_modules(arch: Architecture):
-    from peftpick.knowledge.targets import decoder_layer_modules
+# A denoiser layer's roles (knowledge.denoiser_targets) as the projection roles the benchmark runs are read in.
+_DENOISER_LAYER_ROLES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "attn": ("q", "k", "v", "o"), "context_attn": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down"),
+    "fused": ("q", "k", "v", "gate", "up"),
+})
 
-    return tuple(module for module in decoder_layer_modules(arch) if module.targetable)
+
+def _decoder_layer_modules(arch: Architecture):
+    """The layers of `arch` a method can target, their roles in the benchmark runs' terms (LAYER_ROLES)."""
+    import dataclasses
+
+    from peftpick.workloads import workload_of
+
+    modules = [module for module in workload_of(arch).hook("layer_modules")(arch) if module.targetable]
+    if arch.denoiser is None:
+        return tuple(modules)
+    return tuple(dataclasses.replace(module, roles=tuple(dict.fromkeys(
+        role for own in module.roles for role in _DENOISER_LAYER_ROLES.get(own, ())))) for module in modules)
 
 
 def _targeted_modules(candidate: Candidate, layer_modules) -> tuple:
@@ -500,7 +519,10 @@ class QualityAssessor:
             low, high = measurement_interval(run, model.reference_score_, model.interval)
             probe_words = "; the probe was used only to check that the loss falls" if probe_losses is not None else ""
             noise = (f"sampling noise of its {TEST_SET_SIZE[model.benchmark]:,} test questions only (one seed; "
-                     "seed-to-seed spread comes on top)" if model.benchmark in TEST_SET_SIZE else "none known")
+                     "seed-to-seed spread comes on top)" if model.benchmark in TEST_SET_SIZE else
+                     f"the spread of its last {LATE_VALIDATIONS} validation scores, scaled to the test images (a few images are "
+                     "scored; one seed)"
+                     if late_validation_spread(run) is not None else "none known")
             return QualityPrediction(
                 relative=float(run["score"]) / model.reference_score_, low=low, high=high,
                 basis=(f"benchmark run {run['experiment']} ({run['benchmark']}: {float(run['score']):.1%} "
@@ -559,11 +581,33 @@ def measurement_interval(run: Mapping[str, Any] | pd.Series, reference_score: fl
     score = float(run["score"])
     questions = TEST_SET_SIZE.get(str(run["benchmark"]))
     if questions is None:
-        return score / reference_score, score / reference_score
+        spread = late_validation_spread(run)
+        if spread is None:
+            return score / reference_score, score / reference_score
+        valid, test = EVALUATION_IMAGES.get(str(run["benchmark"]), (1, 1))
+        half = float(stats.norm.ppf(0.5 + level / 2)) * spread * math.sqrt(valid / test)
+        return max(score - half, 0.0) / reference_score, (score + half) / reference_score
     z = float(stats.norm.ppf(0.5 + level / 2))
     centre = (score + z * z / (2 * questions)) / (1 + z * z / questions)
     half = z / (1 + z * z / questions) * math.sqrt(score * (1 - score) / questions + z * z / (4 * questions**2))
     return max(centre - half, 0.0) / reference_score, (centre + half) / reference_score
+
+
+def late_validation_spread(run: Mapping[str, Any] | pd.Series, last: int = LATE_VALIDATIONS) -> float | None:
+    """Standard deviation of the run's last `last` validation scores (None with fewer). image-gen scores a handful
+    of images, so its test figure has no counted sampling model; how much the validation score moves between
+    evaluations late in training, when the adapter changes little, measures that noise instead."""
+    text = str(run.get("valid_series", "") or "")
+    values = []
+    for item in text.split(";"):
+        _, _, value = item.partition(":")
+        try:
+            values.append(float(value))
+        except ValueError:
+            continue
+    if len(values) < last:
+        return None
+    return float(np.std(values[-last:], ddof=1))
 
 
 def _stored_config(run: Mapping[str, Any] | pd.Series) -> dict[str, Any]:

@@ -46,8 +46,8 @@ CHECKPOINTING_SLOWDOWN = 1.3  # recomputing the forward in backward costs about 
 SPEED_CAP = 2.0  # speeds above twice LoRA's earn no more utility
 # Differences the Pareto comparison ignores: 1 % of LoRA's score (below a test set's sampling noise), 1 % of peak
 # memory (the estimator's error), 5 % of speed (benchmark timings of one run each), 5 % of adapter size.
-AXIS_RESOLUTION = {"quality": 0.01, "memory": 0.01, "speed": 0.05, "size": 0.05}
-AXES = ("quality", "memory", "speed", "size")
+AXIS_RESOLUTION = {"quality": 0.01, "memory": 0.01, "speed": 0.05, "size": 0.05, "drift": 0.01}
+AXES = ("quality", "memory", "speed", "size")  # and "drift" where the benchmark measures it (denoisers)
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ class Assessed:
     full_model_bytes: int = 0  # what full fine-tuning would save: the size scale for adapters
     probe: ProbeResult | None = None
     speed_measured: bool = False  # relative_speed was measured at the plan's settings (checkpointing included)
+    drift: float | None = None  # the candidate's benchmark run's drift (image suite; lower is better)
 
     @property
     def peak_bytes(self) -> int:
@@ -103,13 +104,18 @@ def utility(item: Assessed, goal: Goal, vram_gib: float) -> float:
             + weights["speed"] * min(speed_of(item), SPEED_CAP) / SPEED_CAP + weights["size"] * size_share(item))
 
 
-def axis_values(item: Assessed) -> tuple[float, float, float, float]:
-    """The four Pareto axes, each oriented so that larger is better and a difference of 1 means the same on each:
-    quality in units of AXIS_RESOLUTION (x LoRA), the others as log ratios in units of their resolution."""
-    return (quality_of(item) / AXIS_RESOLUTION["quality"],
-            -math.log(max(item.peak_bytes, 1)) / AXIS_RESOLUTION["memory"],
-            math.log(max(speed_of(item), 1e-9)) / AXIS_RESOLUTION["speed"],
-            -math.log(max(item.adapter_bytes, 1)) / AXIS_RESOLUTION["size"])
+def axis_values(item: Assessed, with_drift: bool = False, neutral_drift: float = 0.0) -> tuple[float, ...]:
+    """The Pareto axes, each oriented so that larger is better and a difference of 1 means the same on each:
+    quality in units of AXIS_RESOLUTION (x LoRA), memory, speed and size as log ratios in units of their
+    resolution, and with `with_drift` the drift (absolute, lower is better; unknown counts as `neutral_drift`)."""
+    values = (quality_of(item) / AXIS_RESOLUTION["quality"],
+              -math.log(max(item.peak_bytes, 1)) / AXIS_RESOLUTION["memory"],
+              math.log(max(speed_of(item), 1e-9)) / AXIS_RESOLUTION["speed"],
+              -math.log(max(item.adapter_bytes, 1)) / AXIS_RESOLUTION["size"])
+    if not with_drift:
+        return values
+    drift = item.drift if item.drift is not None else neutral_drift
+    return (*values, -drift / AXIS_RESOLUTION["drift"])
 
 
 def dominates(a: tuple[float, ...], b: tuple[float, ...], resolution: float = 1.0) -> bool:
@@ -125,9 +131,12 @@ def pareto_front(values: dict[str, tuple[float, ...]]) -> dict[str, tuple[str, .
             for key, mine in values.items()}
 
 
-def rank(items: list[Assessed], goal: Goal, vram_gib: float) -> list[RankedCandidate]:
+def rank(items: list[Assessed], goal: Goal, vram_gib: float, with_drift: bool = False) -> list[RankedCandidate]:
+    """`with_drift`: drift is a fifth Pareto axis (the image benchmark measures it); a candidate without a run of
+    its own counts as plain LoRA's drift."""
     names = {item.candidate.method: item.candidate.display_name for item in items}
-    dominators = pareto_front({item.candidate.method: axis_values(item) for item in items})
+    lora = next((item.drift for item in items if item.candidate.method == "lora" and item.drift is not None), 0.0)
+    dominators = pareto_front({item.candidate.method: axis_values(item, with_drift, lora) for item in items})
 
     def order(item: Assessed):
         learns = item.quality.non_learning is None
@@ -153,6 +162,7 @@ def rank(items: list[Assessed], goal: Goal, vram_gib: float) -> list[RankedCandi
             pareto=not dominators[item.candidate.method],
             dominated_by=tuple(names[m] for m in dominators[item.candidate.method]),
             flags=flags,
+            drift=item.drift,
         ))
     return ranked
 
@@ -178,6 +188,8 @@ def _reason(item: Assessed, vram_gib: float, dominated_by: list[str]) -> str:
     parts.append(f"{plan.fit} in {plan.estimate.peak_reserved_bytes / GIB:.1f} of {vram_gib:g} GiB ({setting}; "
                  f"{source})")
     parts.append(f"{speed_of(item):.2f}x LoRA's speed")
+    if item.drift is not None:
+        parts.append(f"drift {item.drift:.3f}")
     parts.append({"native": "loads natively", "merge": "serve merged", "convert": "convert to LoRA first",
                   "not needed": "no serving stack"}.get(item.serving.route, item.serving.route))
     if dominated_by:

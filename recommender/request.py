@@ -13,6 +13,8 @@ from peftpick.types import Goal, Quant, Request, Serve
 # above is a typo or the memory of several GPUs, which one training process cannot pool.
 LARGEST_GPU_GIB = 288
 MAX_SEQ_LEN = 1 << 20
+MAX_RESOLUTION = 8192  # pixels per side; no denoiser here trains beyond 4K
+MAX_FRAMES = 1025
 
 E = TypeVar("E", bound=Enum)
 
@@ -63,9 +65,15 @@ def validate_request(
     quant: Any = Quant.NONE,
     goal: Any = Goal.BALANCED,
     seq_len: Any = 768,
-    batch_size: Any = 4,
+    batch_size: Any = None,
+    resolution: Any = None,
+    frames: Any = None,
+    cached_inputs: Any = True,
 ) -> Request:
-    """A Request with defaults filled in; vram_gb None means the detected GPU's total memory."""
+    """A Request with defaults filled in; vram_gb None means the detected GPU's total memory.
+
+    resolution / frames / cached_inputs apply to diffusion denoisers (checked against the model once it is
+    resolved: `validate_for_model`)."""
     if model is None or (isinstance(model, str) and not model.strip()):
         raise PeftpickError("no model given", "pass --model with a bundled name (peftpick models), a local folder or a hub id")
     vram_source = "given"
@@ -83,11 +91,43 @@ def validate_request(
     return Request(
         model=model if isinstance(model, str) else getattr(model, "name_or_path", None) or type(model).__name__,
         vram_gib=validate_vram(vram_gb),
-        serve=_choice(serve if serve is not None else Serve.NONE, Serve, "--serve"),
+        serve=_choice(serve if serve is not None else Serve.VLLM, Serve, "--serve"),
+        serve_given=serve is not None,
         multi_adapter=bool(multi_adapter),
         quant=_choice(quant, Quant, "--quant"),
         goal=_choice(goal, Goal, "--goal"),
         seq_len=_positive_int(seq_len, "--seq-len", "--seq-len 768", MAX_SEQ_LEN),
-        batch_size=_positive_int(batch_size, "--batch-size", "--batch-size 4", 4096),
+        batch_size=_positive_int(batch_size if batch_size is not None else 4, "--batch-size", "--batch-size 4", 4096),
+        batch_given=batch_size is not None,
         vram_source=vram_source,
+        resolution=None if resolution is None else _positive_int(resolution, "--resolution", "--resolution 1024",
+                                                                 MAX_RESOLUTION),
+        frames=None if frames is None else _positive_int(frames, "--frames", "--frames 81", MAX_FRAMES),
+        cached_inputs=bool(cached_inputs),
     )
+
+
+def validate_for_model(request: Request, arch) -> Request:
+    """The request's checks that depend on the model: the serving stack must suit its kind, an image model's
+    resolution must be a multiple of its latent patch, --frames is for video models only, --seq-len is for
+    language models. Fills in the denoiser's usual resolution and frames."""
+    import dataclasses
+
+    from peftpick.workloads import check_serve, workload_of
+
+    if not request.serve_given:
+        request = dataclasses.replace(request, serve=workload_of(arch).default_serve)
+    if not request.batch_given:
+        request = dataclasses.replace(request, batch_size=workload_of(arch).default_batch_size)
+    check_serve(arch, request.serve)
+    denoiser = arch.denoiser
+    if denoiser is None:
+        for option, value in (("--resolution", request.resolution), ("--frames", request.frames)):
+            if value is not None:
+                raise PeftpickError(f"{option} is for image and video models, and {arch.name} is a language model",
+                                    "drop it (use --seq-len for the training sequence length)")
+        return request
+    from peftpick.knowledge.denoisers import checked_geometry
+
+    resolution, frames = checked_geometry(arch, request.resolution, request.frames)
+    return dataclasses.replace(request, resolution=resolution, frames=frames)

@@ -36,7 +36,10 @@ def check_lines(check: Any) -> list[str]:
         lines += [f"  {command}" for command in check.verdict.launch]
     if check.fix:
         route = check.verdict.route
+        if route == "convert" and "--format" in check.fix[0]:
+            route = "format"
         lines.append({"convert": "Fix (convert to plain LoRA, then serve):",
+                      "format": "Fix (write it in the file format the tool reads, then load it):",
                       "merge": "Fix (merge into the base, then serve the merged model):"}.get(route, "Fix:"))
         lines += [f"  {command}" for command in check.fix]
     elif not check.loads_as_is:
@@ -49,8 +52,8 @@ def check_lines(check: Any) -> list[str]:
         lines.append("peftpick and the engine agree." if check.agreement == "agree"
                      else "peftpick and the engine DISAGREE: the engine's verdict is the one above.")
     else:
-        lines.append(f"{check.stack}'s own validation: not run (the engine is not importable here); the verdict is "
-                     "from peftpick's facts")
+        why = ("peftpick runs no loader of it" if check.installed else "the engine is not importable here")
+        lines.append(f"{check.stack}'s own validation: not run ({why}); the verdict is from peftpick's facts")
     lines.append(f"Facts for: {check.verdict.versions}")
     lines += [f"Note: {note}" for note in check.notes]
     if check.verdict.source:
@@ -130,4 +133,22 @@ def merge_to_dict(result: Any, launch: tuple[str, ...] = ()) -> dict[str, Any]:
         "base": result.base, "from_method": result.from_method, "layers_merged": result.layers_merged,
         "output_bytes": result.output_bytes, "copied_files": list(result.copied_files), "notes": list(result.notes),
         "launch": list(launch),
+    })
+
+
+def export_lines(conversion: Any, written: Any) -> list[str]:
+    lines = conversion_lines(conversion) if conversion is not None else []
+    lines.append(f"{written.path}: {written.format} format, {written.peft_type}, {written.tensors} tensors over "
+                 f"{written.modules} modules, keys prefixed {written.prefix!r}")
+    lines += [f"  {note}" for note in written.notes]
+    return lines
+
+
+def export_to_dict(conversion: Any, written: Any) -> dict[str, Any]:
+    return json_safe({
+        "schema_version": SCHEMA_VERSION,
+        "conversion": conversion_to_dict(conversion) if conversion is not None else None,
+        "written": {"path": str(written.path), "format": written.format, "peft_type": written.peft_type,
+                    "tensors": written.tensors, "modules": written.modules, "prefix": written.prefix,
+                    "notes": list(written.notes)},
     })

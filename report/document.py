@@ -26,8 +26,7 @@ from peftpick.report.formatting import (
     speed_cell,
     trainable_cell,
 )
-from peftpick.report.schema import model_id_of
-from peftpick.report.snippet import peft_snippet
+from peftpick.report.snippet import snippet_for
 from peftpick.types import RankedCandidate, Recommendation
 
 Tone = Literal["", "good", "warn", "bad"]
@@ -108,10 +107,12 @@ def verdict_text(rec: Recommendation) -> str:
 
 def ranked_table(rec: Recommendation) -> Table:
     vram = float(rec.request.vram_gib)
+    # image models: the benchmark's drift (lower keeps more of the base model) beside the quality
+    with_drift = any(ranked.drift is not None for ranked in rec.ranked)
     rows = []
     for position, ranked in enumerate(rec.ranked, 1):
         candidate = ranked.candidate
-        rows.append(_cells(
+        cells = _cells(
             str(position) + ("" if ranked.pareto else " (d)"),
             candidate.display_name,
             settings_cell(candidate),
@@ -124,9 +125,16 @@ def ranked_table(rec: Recommendation) -> Table:
             speed_cell(ranked),
             Cell(serving_cell(ranked.serving), serving_tone(ranked.serving.route)),
             ranked.reason,
-        ))
+        )
+        if with_drift:
+            cells = (*cells[:8], Cell("-" if ranked.drift is None else f"{ranked.drift:.3f} (run)"), *cells[8:])
+        rows.append(cells)
     headers = (*RANKED_HEADERS[:6], f"Fit vs {vram:g} GiB", *RANKED_HEADERS[7:])
-    return Table(headers, tuple(rows), right_aligned=frozenset({0, 3, 4, 5}), wide=frozenset({8, 10, 11}))
+    wide = {8, 10, 11}
+    if with_drift:
+        headers = (*headers[:8], "Drift (lower keeps more)", *headers[8:])
+        wide = {9, 11, 12}
+    return Table(headers, tuple(rows), right_aligned=frozenset({0, 3, 4, 5}), wide=frozenset(wide))
 
 
 def ranking_note(rec: Recommendation) -> str:
@@ -134,12 +142,16 @@ def ranking_note(rec: Recommendation) -> str:
     goal = getattr(rec.request.goal, "value", rec.request.goal)
     weights = ", ".join(f"{axis} {weight:g}" for axis, weight in rec.goal_weights.items())
     dominated = sum(not r.pareto for r in rec.ranked)
-    return (f"Order: candidates on the Pareto front over expected quality, peak memory, speed and adapter size "
+    with_drift = any(r.drift is not None for r in rec.ranked)
+    axes = "expected quality, peak memory, speed, adapter size and drift" if with_drift else \
+        "expected quality, peak memory, speed and adapter size"
+    count = "five" if with_drift else "four"
+    return (f"Order: candidates on the Pareto front over {axes} "
             f"first, then by the --goal {goal} utility ({weights}). "
-            + (f"{dominated} candidate(s) marked (d) are dominated: another is at least as good on all four "
+            + (f"{dominated} candidate(s) marked (d) are dominated: another is at least as good on all {count} "
                "figures and better on one (the Why column names it). " if dominated else "")
             + "Candidates whose probe loss does not fall are ranked last. Quality: \"run\" is the candidate's own "
-            "benchmark run (interval: test-set sampling noise), \"model\" the quality model's prediction from "
+            "benchmark run (interval: test-set sampling noise; for image runs the spread of late validation scores), \"model\" the quality model's prediction from "
             "similar runs, \"model+probe\" with your probe's early losses. Speed: training steps per second "
             "relative to plain LoRA, from the benchmark runs' training times (\"run\") or measured by the "
             "probes (\"probe\"), slowed by about 1.3x where the plan needs gradient checkpointing.")
@@ -207,7 +219,7 @@ def _recommendation_blocks(rec: Recommendation) -> list[Block]:
         blocks.append(Code("\n".join(best.serving.launch) + "\n", language="bash"))
     if best.prefer_when:
         blocks.append(Paragraph(f"Prefer it when {best.prefer_when}"))
-    blocks.append(Code(peft_snippet(best, model_id_of(rec), rec.request.quant)))
+    blocks.append(Code(snippet_for(best, rec)))
     runner_up = rec.runner_up
     if runner_up is not None:
         when = f"Prefer it when {runner_up.prefer_when}" if runner_up.prefer_when else runner_up.reason

@@ -6,6 +6,7 @@ null, never missing. Everything is JSON-serialisable with `json.dumps(..., allow
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from enum import Enum
@@ -13,7 +14,7 @@ from pathlib import PurePath
 from typing import Any
 
 from peftpick.report.formatting import ALPHA_KEYS, margin_gib, memory_source
-from peftpick.report.snippet import peft_snippet
+from peftpick.report.snippet import snippet_for
 from peftpick.types import (
     GIB,
     Architecture,
@@ -54,12 +55,6 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
-def model_id_of(rec: Recommendation) -> str:
-    """What from_pretrained should load for this request: the local folder, the hub id, or the name typed."""
-    arch = rec.architecture
-    return arch.local_path or arch.hub_id or rec.request.model
-
-
 def request_to_dict(request: Request) -> dict[str, Any]:
     return {
         "model": request.model,
@@ -71,6 +66,10 @@ def request_to_dict(request: Request) -> dict[str, Any]:
         "seq_len": int(request.seq_len),
         "batch_size": int(request.batch_size),
         "vram_source": request.vram_source,
+        "resolution": request.resolution,
+        "frames": request.frames,
+        # image and video models only (a language model's request has no resolution)
+        "cached_inputs": bool(request.cached_inputs) if request.resolution is not None else None,
     }
 
 
@@ -92,6 +91,8 @@ def architecture_to_dict(arch: Architecture) -> dict[str, Any]:
         "hub_id": arch.hub_id,
         "local_path": arch.local_path,
         "source": arch.source,
+        "workload": arch.workload.value,
+        "denoiser": json_safe(dataclasses.asdict(arch.denoiser)) if arch.denoiser is not None else None,
     }
 
 
@@ -226,6 +227,7 @@ def ranked_to_dict(ranked: RankedCandidate, position: int, vram_gib: float) -> d
         "probe": probe_to_dict(ranked.probe),
         "quality": quality_to_dict(ranked.quality),
         "speed": {"relative_to_lora": json_safe(ranked.relative_speed), "source": ranked.speed_source},
+        "drift": json_safe(ranked.drift),
         "pareto": bool(ranked.pareto),
         "dominated_by": list(ranked.dominated_by),
         "flags": list(ranked.flags),
@@ -252,8 +254,8 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
     |---|---|---|
     | `schema_version` | int | 1; bumped when a key changes meaning or goes away |
     | `peftpick_version` | str | version of peftpick that wrote it |
-    | `request` | object | what was asked: `model` (as given), `vram_gib` (GPU memory the plan must fit), `vram_source` ("given" or "detected: <GPU>"), `serve`, `multi_adapter`, `quant`, `goal`, `seq_len` (tokens), `batch_size` (effective batch) |
-    | `architecture` | object | figures of the resolved model: `name`, `model_type`, `hidden_size`, `num_layers`, `num_heads`, `num_kv_heads`, `head_dim`, `intermediate_size`, `vocab_size`, `tie_word_embeddings`, `num_experts`, `experts_per_token`, `dtype`, `hub_id`, `local_path`, and `source` (where the figures came from) |
+    | `request` | object | what was asked: `model` (as given), `vram_gib` (GPU memory the plan must fit), `vram_source` ("given" or "detected: <GPU>"), `serve`, `multi_adapter`, `quant`, `goal`, `seq_len` (tokens), `batch_size` (effective batch), `resolution` / `frames` (image and video models; null otherwise), `cached_inputs` (text embeddings and latents computed beforehand) |
+    | `architecture` | object | figures of the resolved model: `name`, `model_type`, `hidden_size`, `num_layers`, `num_heads`, `num_kv_heads`, `head_dim`, `intermediate_size`, `vocab_size`, `tie_word_embeddings`, `num_experts`, `experts_per_token`, `dtype`, `hub_id`, `local_path`, `source` (where the figures came from), `workload` ("causal-lm" or "denoiser") and `denoiser` (null for language models; else family, diffusers_class, objective, latent_channels, vae_scale, patch, text_dim, text_len, ...) |
     | `gpu` | str \| null | GPU the memory figures were measured on; null when estimated |
     | `assumptions` | [str] | what the figures assume |
     | `verdict` | str | one paragraph for people |
@@ -275,6 +277,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
     | `ranked[].probe` | object \| null | micro-training measurement when one was run: `status`, `device`, `peak_allocated_bytes`, `peak_reserved_bytes`, `nvml_used_bytes`, `tokens_per_second`, `step_seconds`, `losses`, `loss_slope`, `loss_slope_stderr`, `wall_seconds`, `error`, `from_cache` |
     | `ranked[].quality` | object \| null | expected quality: `relative_to_lora` (score / plain LoRA's; 1.0 = LoRA), `low`, `high` (interval), `level` (its intended coverage, 0.8), `source` ("benchmark run" or "model"), `used_probe` (the user's probe losses went into it), `non_learning` (why the probe loss does not fall; null when it does or nothing was probed), `basis` (one sentence: where the figure comes from) |
     | `ranked[].speed` | object | `relative_to_lora` (training steps per second relative to plain LoRA, with the plan's checkpointing; null when unknown), `source` ("benchmark <run>" or "measured on <GPU>") |
+    | `ranked[].drift` | number | image models: how far the benchmark run moved the images of unrelated prompts (lower keeps more of the base model); null when unknown or for language models |
     | `ranked[].pareto` | bool | on the Pareto front over expected quality, peak memory, speed and adapter size |
     | `ranked[].dominated_by` | [str] | display names of candidates at least as good on all four and better on one |
     | `ranked[].flags` | [str] | warnings that ranked it down (e.g. its probe loss does not fall) |
@@ -309,5 +312,5 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
         "probes": [{"method": probe.method, **(probe_to_dict(probe) or {})} for probe in rec.probes],
         "best": best.method if best else None,
         "runner_up": runner_up.method if runner_up else None,
-        "peft_snippet": peft_snippet(best, model_id_of(rec), rec.request.quant) if best else None,
+        "peft_snippet": snippet_for(best, rec) if best else None,
     }

@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Any
 
 from peftpick.report.formatting import gib, memory_source, optimizer_label
-from peftpick.types import Quant, RankedCandidate
+from peftpick.types import Quant, RankedCandidate, Recommendation
 
 ADAPTER_SECTION = "# --- adapter ---"
 MODEL_SECTION = "# --- model ---"
@@ -93,6 +93,24 @@ def _model_lines(model_id: str, dtype: str, quant: str, checkpointing: bool | No
     elif checkpointing is not None:
         lines.append("# gradient checkpointing off: the plan fits without it, and it costs about a third more compute")
     return imports, lines
+
+
+def snippet_for(ranked: RankedCandidate, rec: Recommendation) -> str:
+    """The copy-paste code for a ranked candidate of `rec`, as the model's workload writes it."""
+    from peftpick.workloads import workload_of
+
+    return workload_of(rec.architecture).hook("snippet")(ranked, rec)
+
+
+def model_id_of(rec: Recommendation) -> str:
+    """What from_pretrained should load for this request: the local folder, the hub id, or the name typed."""
+    arch = rec.architecture
+    return arch.local_path or arch.hub_id or rec.request.model
+
+
+def lm_snippet(ranked: RankedCandidate, rec: Recommendation) -> str:
+    """The causal-LM workload's snippet for `rec` (its model id and quantization)."""
+    return peft_snippet(ranked, model_id_of(rec), rec.request.quant)
 
 
 def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Quant | str = "none") -> str:

@@ -383,3 +383,23 @@ def test_cli_merge(tiny_llama: Path, tmp_path: Path):
     assert report["layers_merged"] == 4 and report["launch"] == [f"vllm serve {tmp_path / 'merged'}"]
     bad = _run("merge", str(source), "--base", str(tiny_llama), "-o", str(tmp_path / "m2"), "--dtype", "int8")
     assert bad.exit_code == 2 and "unknown --dtype" in bad.stderr
+
+
+def test_adapter_targets_keep_the_module_list_index_of_diffusers_layers(tmp_path):
+    """A diffusers attention's output projection is `to_out.0` (a Linear inside a ModuleList): the checked
+    adapter names it so, as PEFT's target_modules does, not as a bare "0"."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from peftpick.adapters.check import adapter_candidate
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.to_q = torch.nn.Linear(8, 8)
+            self.to_out = torch.nn.ModuleList([torch.nn.Linear(8, 8), torch.nn.Dropout(0.0)])
+
+    model = torch.nn.Sequential(Attention())
+    get_peft_model(model, LoraConfig(r=2, target_modules=["to_q", "to_out.0"])).save_pretrained(tmp_path / "a")
+    candidate = adapter_candidate(read_adapter(tmp_path / "a"))
+    assert candidate.peft_kwargs["target_modules"] == ["to_out.0", "to_q"]

@@ -172,8 +172,9 @@ def test_vram_left_out_is_passed_as_none(runner: CliRunner, recorded_calls):
     result = runner.invoke(app, ["--model", "smollm2-135m", "--json"])
     assert result.exit_code == 0, result.output
     assert recorded_calls[0]["vram_gb"] is None
+    # no --serve: the library picks the usual stack for the model's kind (vLLM for an LM, diffusers for images)
     assert (recorded_calls[0]["serve"], recorded_calls[0]["quant"], recorded_calls[0]["goal"]) == \
-        ("vllm", "none", "balanced")
+        (None, "none", "balanced")
 
 
 def test_report_is_printed_and_written(runner: CliRunner, recorded_calls, tmp_path: Path):

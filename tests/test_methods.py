@@ -72,10 +72,22 @@ def train_step(model, vocab_size: int) -> torch.Tensor:
 
 
 def test_catalogue_has_every_required_method_once():
-    assert method_names() == [spec.key for spec in METHODS]
-    assert set(REQUIRED) <= set(method_names())
-    assert len(set(method_names())) == len(METHODS)
+    assert method_names("causal-lm") == [spec.key for spec in METHODS]
+    assert set(REQUIRED) <= set(method_names("causal-lm"))
+    assert len(set(method_names("causal-lm"))) == len(METHODS)
     assert len({spec.display_name.lower() for spec in METHODS}) == len(METHODS)
+    # both workloads' keys, each once: the image catalogue adds LoRA r64
+    assert method_names() == [*method_names("causal-lm"), "lora-r64"]
+
+
+def test_image_catalogue_takes_its_settings_from_the_image_suite():
+    from peftpick.methods import IMAGE_METHODS
+
+    assert all(spec.benchmark == "image-gen" for spec in IMAGE_METHODS)
+    runs = {spec.key: spec.source_run for spec in IMAGE_METHODS}
+    assert runs["lora"] == "lora/flux2-klein-default" and runs["lora-r64"] == "lora/flux2-klein-rank64"
+    assert runs["pissa"] == "lora/flux2-klein-default"  # borrowed: no PiSSA run in the suite
+    assert "rslora" not in runs and "prompt-tuning" not in runs
 
 
 def test_specs_agree_with_the_capability_table(kb):
@@ -297,7 +309,7 @@ def test_gpt2_exclusions_are_clear(kb, arch):
     gpt2 = arch("gpt2")
     candidates, exclusions = candidates_for(gpt2, kb)
     assert {e.method for e in exclusions} == GPT2_UNSUPPORTED
-    assert {c.method for c in candidates} == set(method_names()) - GPT2_UNSUPPORTED
+    assert {c.method for c in candidates} == set(method_names("causal-lm")) - GPT2_UNSUPPORTED
     assert all(e.constraint == "architecture" and "Conv1D" in e.reason and "gpt2" in e.reason for e in exclusions)
     with pytest.raises(ArchitectureNotSupported) as error:
         build_candidate("oft", gpt2, kb)
@@ -319,7 +331,7 @@ def test_mixture_of_experts_excludes_mlp_only_methods(kb, arch):
 def test_candidates_for_all_and_for_a_selection(kb, arch):
     llama = arch("llama-3.2-3b")
     candidates, exclusions = candidates_for(llama, kb)
-    assert [c.method for c in candidates] == method_names() and exclusions == []
+    assert [c.method for c in candidates] == method_names("causal-lm") and exclusions == []
     chosen, _ = candidates_for(llama, kb, methods=["OFT", "lora", "oft"])
     assert [c.method for c in chosen] == ["oft", "lora"]
 

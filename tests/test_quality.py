@@ -259,3 +259,25 @@ def test_overlapping_groups_candidates_inside_each_others_intervals():
     note = overlap_note({"A", "B"}, predictions)
     assert note.startswith("A and B are within each other's 80% intervals")
     assert "real training run" in note and "0.45" in note
+
+
+def test_image_runs_get_the_spread_of_their_late_validations_as_interval(kb):
+    """image-gen scores four test images: no counted sampling model, so a measured run's interval is the spread of
+    its last three validation scores (OFT: 0.6401, 0.7323, 0.5393 at steps 500-700; 2 validation images) scaled
+    to the 4 test images, never a zero-width point."""
+    from scipy import stats
+
+    from peftpick.recommender.quality import late_validation_spread, measurement_interval
+
+    model = QualityModel.from_knowledge(kb, benchmark="image-gen")
+    runs = model.runs_.set_index("experiment")
+    oft = runs.loc["oft/flux2-klein-default"]
+    values = [float(item.split(":")[1]) for item in str(oft["valid_series"]).split(";")][-3:]
+    assert late_validation_spread(oft) == pytest.approx(float(np.std(values, ddof=1)))
+    low, high = measurement_interval(oft, model.reference_score_, 0.8)
+    half = stats.norm.ppf(0.9) * late_validation_spread(oft) * math.sqrt(2 / 4)
+    assert (low, high) == pytest.approx(((oft["score"] - half) / model.reference_score_,
+                                         (oft["score"] + half) / model.reference_score_))
+    assert all(measurement_interval(run, model.reference_score_)[1] > measurement_interval(run, model.reference_score_)[0]
+               for _, run in model.runs_.iterrows())
+    assert late_validation_spread({"valid_series": "100:0.5;200:0.6"}) is None

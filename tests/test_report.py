@@ -43,15 +43,17 @@ TOP_LEVEL_KEYS = {
     "schema_version", "peftpick_version", "request", "architecture", "gpu", "assumptions", "verdict", "ranked",
     "excluded", "best", "runner_up", "peft_snippet", "goal_weights", "uncertainty", "probes",
 }
-REQUEST_KEYS = {"model", "vram_gib", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size", "vram_source"}
+REQUEST_KEYS = {"model", "vram_gib", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size", "vram_source",
+                "resolution", "frames", "cached_inputs"}
 ARCHITECTURE_KEYS = {
     "name", "model_type", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
     "vocab_size", "tie_word_embeddings", "num_experts", "experts_per_token", "dtype", "hub_id", "local_path", "source",
+    "workload", "denoiser",
 }
 RANKED_KEYS = {
     "rank", "method", "display_name", "peft_type", "peft_config_class", "settings", "benchmark_run",
     "trainable_params", "total_params", "adapter_bytes", "memory", "plan", "evidence", "serving", "probe", "score",
-    "reason", "prefer_when", "notes", "quality", "speed", "pareto", "dominated_by", "flags",
+    "reason", "prefer_when", "notes", "quality", "speed", "pareto", "dominated_by", "flags", "drift",
 }
 SETTINGS_KEYS = {"rank", "alpha", "target_modules", "learning_rate", "optimizer", "other_kwargs"}
 MEMORY_KEYS = {
@@ -190,6 +192,7 @@ def test_to_dict_values(rec: Recommendation):
     assert data["request"] == {
         "model": "smollm2-135m", "vram_gib": 8.0, "serve": "vllm", "multi_adapter": False, "quant": "none",
         "goal": "balanced", "seq_len": 768, "batch_size": 4, "vram_source": "given",
+        "resolution": None, "frames": None, "cached_inputs": None,
     }
     assert data["architecture"]["hidden_size"] == 576 and data["architecture"]["source"].startswith("bundled")
     assert data["verdict"] == VERDICT

@@ -1,0 +1,201 @@
+"""The denoiser memory estimate (peftpick.estimator.diffusion): tiny diffusers configs on the meta device, plus one
+FLUX.2-klein-4B estimate checked against the PEFT image suite's measurement on an L40S."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+import peft  # noqa: E402
+
+from peftpick.estimator.diffusion import (  # noqa: E402
+    CUBLAS_WORKSPACE_DEFAULT, DenoiserProgram, estimate_denoiser, peft_image_suite,
+)
+from peftpick.types import Architecture, Denoiser, TrainingShape  # noqa: E402
+
+KLEIN_4B = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+                axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False)
+KLEIN_TARGETS = ["to_out.0", "to_add_out", "to_qkv_mlp_proj", "add_k_proj", "add_q_proj", "add_v_proj", "to_k", "to_q",
+                 "to_v", "linear_in", "linear_out"]
+TINY_FLUX2 = dict(patch_size=1, in_channels=16, num_layers=6, num_single_layers=6, attention_head_dim=16,
+                  num_attention_heads=4, joint_attention_dim=32, timestep_guidance_channels=256, mlp_ratio=3.0,
+                  axes_dims_rope=(4, 4, 4, 4), rope_theta=2000, eps=1e-6, guidance_embeds=False)
+TINY_WAN = dict(added_kv_proj_dim=None, attention_head_dim=16, cross_attn_norm=True, eps=1e-06, ffn_dim=96,
+                freq_dim=256, in_channels=16, num_attention_heads=2, num_layers=6, out_channels=16,
+                patch_size=[1, 2, 2], qk_norm="rms_norm_across_heads", text_dim=64)
+
+
+def architecture(name, config, **denoiser) -> Architecture:
+    heads = config.get("num_attention_heads", 1)
+    head_dim = config.get("attention_head_dim", 1)
+    return Architecture(name=name, model_type=denoiser["family"], hidden_size=heads * head_dim,
+                        num_layers=config.get("num_layers", 1) + config.get("num_single_layers", 0), num_heads=heads,
+                        num_kv_heads=heads, head_dim=head_dim, intermediate_size=0, vocab_size=0,
+                        tie_word_embeddings=False, config=config, denoiser=Denoiser(**denoiser))
+
+
+def tiny_flux2(**changes) -> Architecture:
+    return architecture("tiny-flux2", {**TINY_FLUX2, **changes}, family="flux2",
+                        diffusers_class="Flux2Transformer2DModel", objective="flow", latent_channels=4, vae_scale=8,
+                        patch=2, text_dim=32, text_len=64, text_encoders=(("te", 5_000_000),), vae_params=1_000_000,
+                        default_resolution=256)
+
+
+def tiny_wan() -> Architecture:
+    return architecture("tiny-wan", TINY_WAN, family="wan", diffusers_class="WanTransformer3DModel", objective="flow",
+                        latent_channels=16, vae_scale=8, patch=2, text_dim=64, text_len=32, vae_temporal=4,
+                        default_resolution=128, default_frames=9)
+
+
+def lora(targets=("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj"), r=8):
+    return peft.LoraConfig(r=r, lora_alpha=r, target_modules=list(targets))
+
+
+SHAPE = TrainingShape(batch_size=2, gradient_checkpointing=False, resolution=256)
+_ESTIMATES: dict = {}
+
+
+def tiny(method="lora", exact=False, **shape):
+    """Estimates of the tiny FLUX.2 config, computed once per setting (several tests share them)."""
+    key = (method, exact, tuple(sorted(shape.items())))
+    if key not in _ESTIMATES:
+        config = lora() if method == "lora" else None
+        _ESTIMATES[key] = estimate_denoiser(tiny_flux2(), config, dataclasses.replace(SHAPE, **shape), exact=exact)
+    return _ESTIMATES[key]
+
+
+def test_breakdown_adds_up_to_peak_allocated():
+    est = tiny()
+    assert sum(est.breakdown.values()) == est.peak_allocated_bytes
+    assert est.peak_reserved_bytes >= est.peak_allocated_bytes > 0
+    assert est.trainable_params > 0 and est.total_params > est.trainable_params
+
+
+def test_lengthened_trace_matches_every_block():
+    short = tiny(gradient_checkpointing=True)
+    exact = tiny(exact=True, gradient_checkpointing=True)
+    assert any("repeated" in note for note in short.assumptions)
+    assert short.trainable_params == exact.trainable_params and short.total_params == exact.total_params
+    assert short.adapter_file_bytes == exact.adapter_file_bytes
+    assert abs(short.peak_allocated_bytes - exact.peak_allocated_bytes) <= 0.01 * exact.peak_allocated_bytes
+    assert abs(short.peak_reserved_bytes - exact.peak_reserved_bytes) <= 0.02 * exact.peak_reserved_bytes
+
+
+def test_gradient_checkpointing_lowers_activations():
+    off = tiny(batch_size=4)
+    on = tiny(batch_size=4, gradient_checkpointing=True)
+    assert on.breakdown["activations"] < off.breakdown["activations"]
+    assert on.peak_allocated_bytes < off.peak_allocated_bytes
+
+
+def test_resolution_raises_activations():
+    low = tiny(resolution=128)
+    high = tiny(resolution=512)
+    assert high.breakdown["activations"] > 2 * low.breakdown["activations"]
+
+
+def test_full_fine_tuning_needs_more_than_lora():
+    full = tiny("full")
+    adapter = tiny()
+    assert full.peak_allocated_bytes > adapter.peak_allocated_bytes
+    assert full.trainable_params == full.total_params
+    assert full.breakdown["optimizer"] > 0 and full.breakdown.get("adapter", 0) == 0
+
+
+def test_batch_scaling():
+    one = tiny(batch_size=1)
+    four = tiny(batch_size=4)
+    assert four.breakdown["activations"] > 3 * one.breakdown["activations"]
+    assert four.breakdown["weights"] == one.breakdown["weights"]
+
+
+def test_wan_video_shape():
+    arch = tiny_wan()
+    shape = TrainingShape(batch_size=1, gradient_checkpointing=True, resolution=128, frames=9)
+    est = estimate_denoiser(arch, lora(targets=("to_q", "to_k", "to_v")), shape)
+    longer = estimate_denoiser(arch, lora(targets=("to_q", "to_k", "to_v")), dataclasses.replace(shape, frames=17))
+    assert sum(est.breakdown.values()) == est.peak_allocated_bytes
+    assert longer.breakdown["activations"] > est.breakdown["activations"]
+    assert any("latent frames" in note for note in est.assumptions)
+
+
+def test_uncached_inputs_add_the_encoders():
+    cached = tiny()
+    uncached = tiny(cached_inputs=False)
+    extra = (5_000_000 + 1_000_000) * 2  # bf16 text encoder and VAE
+    assert uncached.breakdown["other models"] - cached.breakdown.get("other models", 0) == extra
+    assert abs(uncached.peak_allocated_bytes - cached.peak_allocated_bytes - extra) < 4096  # block rounding
+    assert any("modelled" in note for note in uncached.assumptions)
+
+
+def test_estimates_are_deterministic():
+    first = tiny()
+    second = estimate_denoiser(tiny_flux2(), lora(), SHAPE)
+    assert (first.peak_allocated_bytes, first.peak_reserved_bytes) == (second.peak_allocated_bytes,
+                                                                     second.peak_reserved_bytes)
+
+
+def test_workspace_size_follows_the_gpu():
+    hopper = tiny()
+    ada = estimate_denoiser(tiny_flux2(), lora(), SHAPE, program=DenoiserProgram(cublas_workspace=CUBLAS_WORKSPACE_DEFAULT))
+    difference = hopper.peak_allocated_bytes - ada.peak_allocated_bytes
+    assert abs(difference - 2 * (32 * 2**20 - CUBLAS_WORKSPACE_DEFAULT)) < 2**20
+
+
+def test_klein_lora_matches_the_peft_suite_measurement():
+    """lora/flux2-klein-default of PEFT's image-gen suite: accelerator_memory_max 10,708,058,112 bytes (L40S)."""
+    arch = architecture("flux2-klein-base-4b", KLEIN_4B, family="flux2", diffusers_class="Flux2Transformer2DModel",
+                        objective="flow", latent_channels=32, vae_scale=8, patch=2, text_dim=7680, text_len=512)
+    config = peft.LoraConfig(r=32, lora_alpha=32, target_modules=KLEIN_TARGETS)
+    params = {"batch_size": 2, "optimizer_kwargs": {"lr": 1e-4, "weight_decay": 1e-4}, "grad_norm_clip": 1.0,
+              "repeats": 1000, "text_encoder_out_layers": [10, 20, 30]}
+    shape = TrainingShape(batch_size=2, gradient_checkpointing=True, dtype="bfloat16", resolution=512)
+    est = estimate_denoiser(arch, config, shape, program=peft_image_suite(params, diffusers_version="0.38.0"))
+    assert est.trainable_params == 38_338_560
+    measured = 10_708_058_112
+    assert abs(est.peak_reserved_bytes - measured) <= 0.05 * measured
+
+
+def test_cuda_temporaries_of_fft_and_batched_matmul():
+    """cuFFT work areas (2-D and 3-D plans) and the contiguous copies cuBLAS-backed bmm makes of operands whose
+    matrices have no unit stride (the einsum of C3A's block-circulant product)."""
+    import torch
+
+    from peftpick.estimator.kernels import cuda_temporaries
+
+    aten = torch.ops.aten
+    x = torch.empty(64, 32, dtype=torch.complex64, device="meta")
+    assert cuda_temporaries(aten._fft_c2c.default, (x, [0, 1], 2, False), torch.empty_like(x)) == ([64 * 32 * 8], [])
+    assert cuda_temporaries(aten._fft_c2c.default, (x, [1], 2, False), torch.empty_like(x)) is None
+    # einsum("...nb,mnb->...mb") hands bmm a (b, B*N, n) view with strides (1, n*b, b)
+    left = torch.empty(2, 6, 3, 16, dtype=torch.complex64, device="meta").permute(3, 0, 1, 2).reshape(16, 12, 3)
+    right = torch.empty(16, 3, 5, dtype=torch.complex64, device="meta")
+    out = torch.empty(16, 12, 5, dtype=torch.complex64, device="meta")
+    assert left.stride() == (1, 48, 16)
+    assert cuda_temporaries(aten.bmm.default, (left, right), out) == ([], [left.numel() * 8])
+    assert cuda_temporaries(aten.bmm.default, (left.contiguous(), right), out) is None
+    weight = torch.empty(8, 4, device="meta")
+    assert cuda_temporaries(aten.mm.default, (torch.empty(3, 4, device="meta"), weight.t()), torch.empty(3, 8, device="meta")) is None
+
+
+def test_tracker_logs_the_cufft_work_area():
+    import torch
+
+    from peftpick.estimator.diffusion_meta import FastStorageTracker
+    from peftpick.estimator.tracer import ALLOC, FREE
+
+    tracker = FastStorageTracker()
+    with tracker:
+        tracker.set_phase("forward0")
+        delta = torch.fft.ifft2(torch.zeros(96, 64, device="meta")).real  # FourierFT's delta weight
+    events = tracker.trace.events
+    complex_buffers = [h for kind, h, nbytes, _u in events if kind == ALLOC and nbytes == 96 * 64 * 8]
+    assert len(complex_buffers) == 3  # the complex copy of the input, the output, the work area
+    work_area = complex_buffers[-1]
+    assert tracker.trace.tags[work_area] == "overhead"
+    assert any(kind == FREE and h == work_area for kind, h, _b, _u in events)
+    assert delta.shape == (96, 64)
