@@ -2,8 +2,10 @@
 
 The real transformers + PEFT training program runs on the meta device (shapes, no values) while a dispatch mode
 records every allocation and free (`tracer`); what the meta device cannot show, the fused CUDA attention kernel
-and cuBLAS workspaces, is added by stand-ins (`kernels`, `training`); the event trace is replayed through a
-model of PyTorch's CUDA caching allocator (`allocator`) to get peak allocated and peak reserved bytes.
+and cuBLAS workspaces, is added by stand-ins (`kernels`, `training`); the optimizer steps as its library steps it
+(`optimizers`: torch AdamW / SGD, transformers Adafactor, bitsandbytes 8-bit AdamW, PEFT's LoRA-FA); the event
+trace is replayed through a model of PyTorch's CUDA caching allocator (`allocator`) to get peak allocated and
+peak reserved bytes.
 
 Decoder layers repeat, so by default a few layers are traced and their allocations repeated to the model's
 depth (`synthesis`); `exact=True` traces every layer, and tests check both replay to the same peaks.
@@ -13,15 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftpick.errors import PeftpickError
-from peftpick.types import Architecture, MemoryEstimate, TrainingShape
+from peftpick.types import Architecture, MemoryEstimate, Optimizer, TrainingShape
 
-OPTIMIZERS = ("adamw", "lora-fa")
+OPTIMIZERS = tuple(member.value for member in Optimizer)  # see estimator/optimizers.py for how each is traced
+
 DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -35,6 +37,8 @@ class _Point:
     saved_bytes: int
     peak_phase: str
     lengthened: bool
+    optimizer_state: int = 0  # bytes of the optimizer's state after its first step
+    paged_state: int = 0  # of which in CUDA unified memory (bitsandbytes' paged optimizers)
 
 
 def estimate(
@@ -64,7 +68,7 @@ def estimate(
     if shape.optimizer == "lora-fa" and (peft_config is None or getattr(peft_config, "peft_type", None) != "LORA"):
         raise PeftpickError(
             "the LoRA-FA optimizer needs a LoRA adapter",
-            "pass a LoRA adapter (method lora) or use --optimizer adamw",
+            "pass a LoRA adapter (--method lora) or use another --optimizer (adamw, adamw-8bit, sgd, ...)",
         )
     return estimate_architecture(arch, peft_config, shape, exact=exact)
 
@@ -80,7 +84,7 @@ def estimate_architecture(arch: Architecture, peft_config: Any, shape: TrainingS
         total_params=point.total,
         adapter_file_bytes=point.saved_bytes,
         shape=shape,
-        assumptions=_assumptions(arch, shape, point.lengthened),
+        assumptions=_assumptions(arch, shape, point.lengthened, point),
     )
 
 
@@ -93,7 +97,7 @@ def _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dty
     if not isinstance(seq_len, int) or seq_len < 2:
         raise PeftpickError(f"sequence length must be a whole number of at least 2, got {seq_len!r}", "pass e.g. --seq-len 768")
     if optimizer not in OPTIMIZERS:
-        raise PeftpickError(f"unknown optimizer {optimizer!r}", f"use one of: {', '.join(OPTIMIZERS)}")
+        raise PeftpickError(f"unknown optimizer {optimizer!r}", f"pass --optimizer as one of: {', '.join(OPTIMIZERS)}")
     dtype = str(dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise PeftpickError(f"unsupported dtype {dtype!r}", f"use one of: {', '.join(DTYPES)}")
@@ -128,23 +132,12 @@ def resolve_adapter(adapter: Any, arch: Architecture, rank: int | None = None, t
 
 
 def load_adapter_config(path: Path):
-    """Read adapter_config.json (or the folder holding it) into a peft.PeftConfig, with clear errors."""
-    import peft
+    """Read adapter_config.json (or the folder holding it) into a peft.PeftConfig, every field checked against
+    the PEFT config class first (`peftpick.adapters.files.read_adapter_config`)."""
+    from peftpick.adapters.files import read_adapter_config
 
-    file = path / "adapter_config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise PeftpickError(f"no adapter config at {file}", "pass the adapter_config.json file or the folder that holds it")
-    try:
-        raw = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PeftpickError(f"cannot read {file} as JSON ({error})", "check the file is a PEFT adapter_config.json") from None
-    if not isinstance(raw, dict) or "peft_type" not in raw:
-        raise PeftpickError(f"{file} has no peft_type", "it must be an adapter_config.json written by PEFT's save_pretrained")
-    raw = {k: v for k, v in raw.items() if k not in ("auto_mapping", "base_model_name_or_path", "revision")}
-    try:
-        return peft.PeftConfig.from_peft_type(**raw)
-    except (TypeError, ValueError, KeyError) as error:
-        raise PeftpickError(f"{file} is not a valid PEFT config: {error}", "re-save it with the installed peft version") from None
+    _raw, config = read_adapter_config(path)
+    return config
 
 
 # ------------------------------------------------------------------------------------------ tracing
@@ -232,7 +225,8 @@ def _trace_point(arch: Architecture, peft_config: Any, shape: TrainingShape, exa
         return sum(per_unit.values()) + extra * per_unit.get(TEMPLATE_UNIT, 0)
 
     return _Point(result.peak_allocated, result.peak_reserved, result.breakdown, total("trainable"),
-                  total("total"), total("saved_bytes"), result.peak_phase, lengthened)
+                  total("total"), total("saved_bytes"), result.peak_phase, lengthened,
+                  total("optimizer_state"), total("paged_state"))
 
 
 @contextlib.contextmanager
@@ -254,14 +248,19 @@ def _quiet():
         hf_logging.set_verbosity(level)
 
 
-def _assumptions(arch: Architecture, shape: TrainingShape, lengthened: bool) -> tuple[str, ...]:
+def _assumptions(arch: Architecture, shape: TrainingShape, lengthened: bool, point: _Point | None = None) -> tuple[str, ...]:
+    from peftpick.estimator import optimizers
+
+    bnb_version = optimizers.bitsandbytes_version() if shape.optimizer in optimizers.EIGHT_BIT else None
+    optimizer_note = optimizers.describe(shape.optimizer, point.optimizer_state if point else 0,
+                                         point.paged_state if point else 0, bnb_version)
     attention = arch.config.get("_attn_implementation") or "transformers' default attention for the architecture"
     notes = [
         "one CUDA GPU with PyTorch's caching allocator (default settings); figures are bytes as torch.cuda reports them",
         f"{shape.dtype} base weights; adapter weights as PEFT creates them (float32 by default)",
         f"every sequence filled to {shape.seq_len} tokens with labels on every token, batch {shape.batch_size}",
         f"{attention}; SDPA runs as a fused (flash / cuDNN) kernel",
-        "optimizer: " + ("PEFT's LoRA-FA optimizer" if shape.optimizer == "lora-fa" else "torch AdamW (multi-tensor)"),
+        optimizer_note,
         "gradient checkpointing " + ("on (use_reentrant=False)" if shape.gradient_checkpointing else "off"),
         "a plain loop that keeps the model output (logits) until the next step: out = model(...); out.loss.backward()",
         "peak over 3 optimizer steps (optimizer state appears at the first)",

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from peftpick.estimator.kernels import KernelStandIns
-from peftpick.estimator.tracer import MetaValues, StorageTracker, Trace
+from peftpick.estimator.optimizers import make_optimizer, paged_state_bytes, state_tensors
+from peftpick.estimator.tracer import ALLOC, MetaValues, StorageTracker, Trace
 from peftpick.knowledge.architectures import skip_weight_init
 
 # cuBLAS keeps one workspace per (handle, stream); the forward thread and the autograd thread each own a
@@ -37,7 +38,7 @@ class TrainingProgram:
     batch_size: int
     seq_len: int
     gradient_checkpointing: bool
-    optimizer: str  # "adamw" or "lora-fa"
+    optimizer: str  # one of estimator.optimizers.OPTIMIZERS
     dtype: torch.dtype
     steps: int = 2
     learning_rate: float = 1e-4
@@ -137,11 +138,19 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
             # per-tensor norms on meta (CUDA would use one foreach kernel); both allocate only scalars
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
-            for state in optimizer.state.values():
-                for value in state.values():
-                    if isinstance(value, torch.Tensor) and value.device.type == "meta":
-                        tracker.tag(value, "optimizer")
+            for value, _params in state_tensors(optimizer).values():
+                tracker.tag(value, "optimizer")
+            _own_optimizer_state(tracker, optimizer, unit_of, f"optimizer{step}")
             optimizer.zero_grad(set_to_none=True)
+        counts["optimizer_state"] = {}
+        counts["paged_state"] = {}
+        for value, params in state_tensors(optimizer).values():
+            units = {unit_of.get(id(p)) for p in params}
+            unit = units.pop() if len(units) == 1 else None
+            counts["optimizer_state"][unit] = counts["optimizer_state"].get(unit, 0) + value.untyped_storage().nbytes()
+        for param, nbytes in paged_state_bytes(optimizer):
+            unit = unit_of.get(id(param))
+            counts["paged_state"][unit] = counts["paged_state"].get(unit, 0) + nbytes
         tracker.set_phase("end")  # what follows is the program ending, not training
         del out, x
     return tracker.trace, counts
@@ -250,12 +259,29 @@ def _attribute_layers(model, tracker: StorageTracker, period: int, hooks: bool =
 
 
 def _make_optimizer(model, trainable, program: TrainingProgram):
-    if program.optimizer == "lora-fa":
-        from peft.optimizers import create_lorafa_optimizer
+    return make_optimizer(program.optimizer, model, trainable, peft_config=program.peft_config,
+                          lr=program.learning_rate, weight_decay=program.weight_decay)
 
-        cfg = program.peft_config
-        return create_lorafa_optimizer(
-            model, r=cfg.r, lora_alpha=cfg.lora_alpha, lr=program.learning_rate, weight_decay=program.weight_decay
-        )
-    # On CUDA torch picks the multi-tensor ("foreach") AdamW by default; on meta it would not, so say so.
-    return torch.optim.AdamW(trainable, lr=program.learning_rate, weight_decay=program.weight_decay, foreach=True)
+
+def _own_optimizer_state(tracker: StorageTracker, optimizer, unit_of: dict[int, int], phase: str) -> None:
+    """Give optimizer state made from no tensor of its parameter (bitsandbytes' absmax vectors,
+    `torch.zeros(shape).to(grad)` in Adafactor) the unit of its parameter, as state made by `zeros_like(p)`
+    gets it, so that lengthening repeats it with the layers. State shared by several parameters (bitsandbytes'
+    quantization maps) stays outside the units."""
+    trace = tracker.trace
+    unit_of_handle: dict[int, int] = {}
+    for value, params in state_tensors(optimizer).values():
+        units = {unit_of.get(id(p)) for p in params}
+        handle = tracker.handle_of(value)
+        if handle is None or len(units) != 1 or None in units or handle in trace.owner:
+            continue
+        unit_of_handle[handle] = units.pop()
+    if not unit_of_handle:
+        return
+    start = trace.marks.get(phase, 0)
+    for index in range(start, len(trace.events)):
+        kind, handle, nbytes, _context = trace.events[index]
+        unit = unit_of_handle.get(handle)
+        if unit is not None and kind == ALLOC:
+            trace.events[index] = (kind, handle, nbytes, unit)
+            trace.owner[handle] = unit

@@ -192,7 +192,7 @@ def test_adapter_config_file_is_read(tmp_path, config):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"batch_size": 0}, "batch size"), ({"seq_len": 1}, "sequence length"),
-    ({"optimizer": "sgd"}, "optimizer"), ({"dtype": "int8"}, "dtype"),
+    ({"optimizer": "rmsprop"}, "optimizer"), ({"dtype": "int8"}, "dtype"),
 ])
 def test_bad_shapes_are_rejected(config, kwargs, match):
     with pytest.raises(PeftpickError, match=match):
