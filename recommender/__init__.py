@@ -407,6 +407,12 @@ def _shrink_hint(request: Request) -> str:
 
 def _memory_exclusion(candidate: Candidate, plan, request: Request) -> Exclusion:
     need = (plan.estimate.peak_reserved_bytes + CONTEXT_RESERVE_BYTES) / GIB
+    if plan.estimate.source.startswith("lower bound"):
+        return Exclusion(
+            candidate.method, candidate.display_name, "memory",
+            f"{candidate.display_name}: needs more than {need:.1f} GiB whatever the micro-batch (its weights and "
+            f"gradients alone, not traced), more than {request.vram_gib:g} GiB; use a larger GPU or an adapter",
+        )
     return Exclusion(
         candidate.method, candidate.display_name, "memory",
         f"{candidate.display_name}: needs about {need:.1f} GiB even with micro-batch {plan.micro_batch} and "

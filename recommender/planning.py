@@ -20,6 +20,7 @@ from peftpick.types import GIB, Architecture, Candidate, Fit, MemoryEstimate, Qu
 # Memory a CUDA process holds outside PyTorch's allocator: the CUDA context, cuBLAS/cuDNN handles, kernels.
 # About 0.5-0.6 GiB on Hopper with torch 2.x; the fit check adds it to the estimated peak reserved.
 CONTEXT_RESERVE_BYTES = int(0.6 * GIB)
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # "fits" leaves this share of the card free for fragmentation that the estimate does not foresee.
 FIT_HEADROOM = 0.05
 
@@ -130,6 +131,9 @@ class Planner:
         what checkpointing saved LoRA could still fit: a whole round of hopeless estimates is skipped.
         """
         result: dict[str, TrainingPlan | PeftpickError] = {}
+        hopeless = {c.method: plan for c in candidates if (plan := self._hopeless_full_fine_tuning(c)) is not None}
+        result.update(hopeless)
+        candidates = [c for c in candidates if c.method not in hopeless]
         if not candidates:
             return result
         with pool if isinstance(pool, WorkerPool) else WorkerPool(pool) as workers:
@@ -161,6 +165,32 @@ class Planner:
         for method, plan in found.items():
             result.setdefault(method, plan)
         return result
+
+    def _hopeless_full_fine_tuning(self, candidate: Candidate) -> TrainingPlan | None:
+        """Full fine-tuning whose weights and gradients alone (two bytes each per parameter in bf16) exceed the
+        VRAM: no micro-batch or checkpointing can change that, so it is not traced; the plan carries that lower
+        bound, marked as one."""
+        if candidate.peft_config_class is not None:
+            return None
+        from peftpick.workloads import workload_of
+
+        parameters = int(workload_of(self.arch).hook("count_parameters")(self.arch))
+        width = _DTYPE_BYTES.get(str(self._base_shape.dtype).removeprefix("torch."), 4)
+        bound = 2 * parameters * width
+        if _may_fit(bound, self.vram_gib):
+            return None
+        shape = self._shape(candidate, 1, can_checkpoint(candidate))
+        estimate = MemoryEstimate(
+            peak_allocated_bytes=bound, peak_reserved_bytes=bound,
+            breakdown={"weights": parameters * width, "grads": parameters * width},
+            trainable_params=parameters, total_params=parameters, shape=shape,
+            adapter_file_bytes=parameters * width,
+            assumptions=(f"not traced: the {parameters:,} weights and their gradients in {shape.dtype} alone take "
+                         f"{bound / GIB:.1f} GiB, more than the {self.vram_gib:g} GiB GPU; optimizer state and "
+                         "activations come on top",),
+            source="lower bound: weights + gradients, not traced",
+        )
+        return TrainingPlan(1, shape.gradient_accumulation, shape.gradient_checkpointing, estimate, "does not fit")
 
     def _checkpointing_saving(self, candidates, pool, progress) -> tuple[bool, float | None]:
         """Whether to try plain (no checkpointing) settings first, and how much checkpointing saved LoRA."""
