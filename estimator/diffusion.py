@@ -186,8 +186,9 @@ def estimate_denoiser(arch: Architecture, peft_config: Any, shape: TrainingShape
     if peft_type in NOT_ESTIMABLE:
         raise PeftpickError(f"cannot estimate the memory of {peft_type} on the meta device: {NOT_ESTIMABLE[peft_type]}",
                             "measure it on the GPU (a probe), or estimate a LoRA of similar size instead")
-    if shape.optimizer == "lora-fa" and (peft_config is None or str(getattr(peft_config, "peft_type", "")) not in ("LORA", "PeftType.LORA")):
-        raise PeftpickError("the LoRA-FA optimizer needs a LoRA adapter", "pass a LoRA adapter or use --optimizer adamw")
+    if shape.optimizer == "lora-fa" and peft_type != "LORA":
+        raise PeftpickError("the LoRA-FA optimizer needs a LoRA adapter",
+                            "pass a LoRA adapter (--method lora) or use another --optimizer (adamw, adamw-8bit, sgd, ...)")
     from peftpick.estimator import _quiet
     from peftpick.estimator.diffusion_trace import trace_program
 
@@ -227,7 +228,8 @@ def _assumptions(arch: Architecture, shape: TrainingShape, program: DenoiserProg
         f"batch {shape.batch_size} at {g['resolution']} px{video}: {g['tokens']} latent tokens and {d.text_len} text tokens per sample",
         "diffusers' attention processors call SDPA, run as a fused (flash / cuDNN) kernel",
         f"{'flow-matching' if d.objective == 'flow' else d.objective + '-prediction'} loss on model_pred.float()",
-        "optimizer: " + ("PEFT's LoRA-FA optimizer" if shape.optimizer == "lora-fa" else "torch AdamW (multi-tensor)")
+        "optimizer: " + {"lora-fa": "PEFT's LoRA-FA optimizer", "adamw": "torch AdamW (multi-tensor)"}.get(
+            shape.optimizer, shape.optimizer + " (estimator.optimizers)")
         + (f", gradients clipped to norm {program.grad_clip}" if program.grad_clip else ""),
         "gradient checkpointing " + ("on (diffusers enable_gradient_checkpointing, non-reentrant)" if shape.gradient_checkpointing else "off"),
         "loop variables (inputs, noise, prediction, loss) live until the next step rebinds them; gradients until zero_grad at the next step's start",

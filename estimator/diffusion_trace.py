@@ -534,17 +534,12 @@ class _Program:
             self.model.base_model.update_and_allocate(global_step)
 
     def optimizer(self):
-        shape, program = self.shape, self.program
-        if shape.optimizer == "lora-fa":
-            from peft.optimizers import create_lorafa_optimizer
+        # the same optimizers, built the same way, as the causal-LM trace (estimator.optimizers); frozen
+        # parameters have no gradient and are not passed
+        from peftpick.estimator.optimizers import make_optimizer
 
-            cfg = self.peft_config
-            return create_lorafa_optimizer(self.model, r=cfg.r, lora_alpha=cfg.lora_alpha,
-                                           lr=program.learning_rate, weight_decay=program.weight_decay)
-        # torch.optim.AdamW(model.parameters(), ...): on CUDA the multi-tensor implementation; frozen parameters
-        # have no gradient and are skipped
-        return torch.optim.AdamW(self.params, lr=program.learning_rate, weight_decay=program.weight_decay,
-                                 foreach=True)
+        return make_optimizer(self.shape.optimizer, self.model, self.params, peft_config=self.peft_config,
+                              lr=self.program.learning_rate, weight_decay=self.program.weight_decay)
 
     # -- run ---------------------------------------------------------------------------------------
     def run(self) -> ProgramResult:

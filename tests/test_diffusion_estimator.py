@@ -199,3 +199,14 @@ def test_tracker_logs_the_cufft_work_area():
     assert tracker.trace.tags[work_area] == "overhead"
     assert any(kind == FREE and h == work_area for kind, h, _b, _u in events)
     assert delta.shape == (96, 64)
+
+
+def test_denoiser_optimizers_are_the_language_model_ones():
+    """estimator.optimizers builds the denoiser's optimizer too: SGD keeps one fp32 buffer per trainable
+    parameter where AdamW keeps two, at the peak after the first step."""
+    adamw = tiny()
+    sgd = estimate_denoiser(tiny_flux2(), lora(), dataclasses.replace(SHAPE, optimizer="sgd"))
+    trainable = adamw.trainable_params
+    assert adamw.breakdown["optimizer"] >= 8 * trainable
+    assert sgd.breakdown["optimizer"] == pytest.approx(adamw.breakdown["optimizer"] / 2, rel=0.02)
+    assert any("sgd" in note for note in sgd.assumptions)
