@@ -188,8 +188,8 @@ class _Program:
         self.batch = shape.batch_size
         self.tracker = FastStorageTracker(vocab_size=None, nonzero_rows=_shira_rows(peft_config))
         self.v: dict[str, Any] = {}  # the training loop's variables
-        self.plan = block_plan(arch, exact)  # [(attribute, config key, blocks in the model, blocks traced)]
-        self.lengthened = any(total > traced for _a, _k, total, traced in self.plan)
+        self.plan, self.overrides = block_plan(arch, exact)  # [(list path, blocks in the model, blocks traced)]
+        self.lengthened = any(total > traced for _path, total, traced in self.plan)
         self.caches: dict[str, torch.Tensor] = {}
         self.workspaces = 0
 
@@ -212,7 +212,7 @@ class _Program:
     def build_model(self):
         shape = self.shape
 
-        overrides = {key: traced for _attr, key, total, traced in self.plan if traced < total}
+        overrides = self.overrides
 
         def build():
             model = build_denoiser(self.arch, self.dtype, **overrides)
@@ -311,8 +311,8 @@ class _Program:
         self.lists: list[tuple[int, int, int]] = []  # (first unit, traced, total)
         unit = 0
         prefix_of = {id(m): n for n, m in self.model.named_modules()}
-        for attr, _key, total, traced in self.plan:
-            blocks = getattr(base, attr)
+        for path, total, _traced in self.plan:
+            blocks = base.get_submodule(path)
             self.lists.append((unit, len(blocks), total))
             if total > len(blocks):
                 self.extra_units[unit + 1] = total - len(blocks)
@@ -330,8 +330,10 @@ class _Program:
 
                 def leave(_module, _args, output, unit=unit):
                     tr.pop_context()
-                    hidden = output[0] if isinstance(output, (tuple, list)) else output
-                    if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                    # the first output that backward reaches (SD3's last block returns no text stream first)
+                    outputs = output if isinstance(output, (tuple, list)) else (output,)
+                    hidden = next((o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad), None)
+                    if hidden is not None:
                         hidden.register_hook(lambda _grad: tr.set_context(unit))
 
                 block.register_forward_pre_hook(enter, with_kwargs=True)
@@ -342,8 +344,8 @@ class _Program:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         seen: dict[int, int] = {}
         index = 0
-        for attr, _key, _total, _traced in self.plan:
-            for block in getattr(base, attr):
+        for path, _total, _traced in self.plan:
+            for block in base.get_submodule(path):
                 for t in list(block.parameters()) + list(block.buffers()):
                     if seen.setdefault(id(t), index) != index:
                         return True
@@ -550,7 +552,7 @@ class _Program:
         if self.lengthened and self.shares_across_blocks():
             # an adapter with tensors shared by several blocks (VB-LoRA's vector bank, Lily's shared projections)
             # does not repeat block by block: trace every block
-            self.plan = block_plan(self.arch, True)
+            self.plan, self.overrides = block_plan(self.arch, True)
             self.lengthened = False
             self.build_model()
         program = self.program
@@ -597,28 +599,87 @@ class _Program:
                              result.peak_phase, self.lengthened, result.windows, result.between_steps)
 
 
-# Lists of identical blocks per family: (module attribute, config key of its length). Lists longer than
-# TRACED_BLOCKS are traced with TRACED_BLOCKS blocks and lengthened (the template, block 1 of the list, sits
-# between two ordinary blocks). SD3's blocks are not uniform (dual-attention blocks first, a context-only last
-# block) and the SDXL UNet has no such list: both are traced whole.
-BLOCK_LISTS = {
-    "flux2": (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers")),
-    "flux": (("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers")),
-    "wan": (("blocks", "num_layers"),),
-    "qwen-image": (("transformer_blocks", "num_layers"),),
-}
+# Lists of identical blocks per family: (module path, blocks in the real model). Lists longer than TRACED_BLOCKS
+# are built with TRACED_BLOCKS blocks and lengthened (the template, block 1 of the list, sits between two
+# ordinary blocks). Each family says which config entries build the shorter lists. SD3.5 Medium's blocks
+# are not uniform (dual-attention blocks first): it is traced whole.
 TRACED_BLOCKS = 3
 
 
-def block_plan(arch: Architecture, exact: bool) -> list[tuple[str, str, int, int]]:
-    plan = []
-    for attr, key in BLOCK_LISTS.get(arch.denoiser.family, ()):
-        total = int(arch.config.get(key, 0) or 0)
-        if total <= 0:
-            continue
-        traced = total if exact or total <= TRACED_BLOCKS else TRACED_BLOCKS
-        plan.append((attr, key, total, traced))
-    return plan
+def _length(config: dict, key: str) -> int:
+    return int(config.get(key, 0) or 0)
+
+
+def _lists_by_key(*pairs: tuple[str, str]):
+    """Block lists whose lengths are config entries ((module path, config key) pairs): the lists of a config,
+    and the overrides that build each at TRACED_BLOCKS."""
+    def lists(config):
+        return [(path, _length(config, key)) for path, key in pairs]
+
+    def shrunk(config):
+        return {key: min(_length(config, key), TRACED_BLOCKS) for _path, key in pairs}
+
+    return lists, shrunk
+
+
+def _unet_lists(config: dict) -> list[tuple[str, int]]:
+    """diffusers UNet2DConditionModel: every cross-attention down block has `layers_per_block` attentions of
+    transformer_layers_per_block[i] blocks, the mid block one of the last entry's, every up block one more
+    attention than a down block, with the list reversed (unless reverse_transformer_layers_per_block is set)."""
+    down_types, up_types = config.get("down_block_types", ()), config.get("up_block_types", ())
+    per_block = config.get("transformer_layers_per_block", 1)
+    per_block = [per_block] * len(down_types) if isinstance(per_block, int) else list(per_block)
+    reverse = config.get("reverse_transformer_layers_per_block") or list(reversed(per_block))
+    layers = int(config.get("layers_per_block", 2))
+    lists = []
+    for i, kind in enumerate(down_types):
+        if "CrossAttn" in kind:
+            lists += [(f"down_blocks.{i}.attentions.{j}.transformer_blocks", int(per_block[i])) for j in range(layers)]
+    if "CrossAttn" in str(config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"):
+        lists.append(("mid_block.attentions.0.transformer_blocks", int(per_block[-1])))
+    for i, kind in enumerate(up_types):
+        if "CrossAttn" in kind:
+            count = reverse[i]
+            if not isinstance(count, int):  # a tuple per attention (no SDXL-like model uses this)
+                return []
+            lists += [(f"up_blocks.{i}.attentions.{j}.transformer_blocks", int(count)) for j in range(layers + 1)]
+    return lists
+
+
+def _shrunk_unet(config: dict) -> dict:
+    per_block = config.get("transformer_layers_per_block", 1)
+    per_block = [per_block] * len(config.get("down_block_types", ())) if isinstance(per_block, int) else per_block
+    return {"transformer_layers_per_block": [min(int(n), TRACED_BLOCKS) for n in per_block]}
+
+
+def _sd3_uniform(config: dict) -> list[tuple[str, int]]:
+    # SD3.5 Large: every block alike but the last (context_pre_only), which stays the last traced block
+    if config.get("dual_attention_layers"):
+        return []
+    return [("transformer_blocks", _length(config, "num_layers"))]
+
+
+_FLUX_LISTS = _lists_by_key(("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers"))
+# family -> (its block lists from the config, the config entries that build every list at TRACED_BLOCKS)
+_BLOCK_LISTS = {
+    "flux2": _FLUX_LISTS,
+    "flux": _FLUX_LISTS,
+    "wan": _lists_by_key(("blocks", "num_layers")),
+    "qwen-image": _lists_by_key(("transformer_blocks", "num_layers")),
+    "sd3": (_sd3_uniform, _lists_by_key(("transformer_blocks", "num_layers"))[1]),
+    "sdxl": (_unet_lists, _shrunk_unet),
+}
+
+
+def block_plan(arch: Architecture, exact: bool) -> tuple[list[tuple[str, int, int]], dict]:
+    """[(module path of a block list, blocks in the model, blocks traced)] in execution order, and the config
+    overrides that build the traced model (none when every block is traced)."""
+    lists_of, shrunk_of = _BLOCK_LISTS.get(arch.denoiser.family, (lambda _c: [], lambda _c: {}))
+    config = arch.config
+    lists = [(path, total) for path, total in lists_of(config) if total > 0]
+    lengthen = not exact and any(total > TRACED_BLOCKS for _path, total in lists)
+    plan = [(path, total, min(total, TRACED_BLOCKS) if lengthen else total) for path, total in lists]
+    return plan, (shrunk_of(config) if lengthen else {})
 
 
 def _traced_steps(peft_config, program) -> list[int]:

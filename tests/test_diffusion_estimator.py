@@ -85,6 +85,47 @@ def test_lengthened_trace_matches_every_block():
     assert abs(short.peak_reserved_bytes - exact.peak_reserved_bytes) <= 0.02 * exact.peak_reserved_bytes
 
 
+TINY_UNET = dict(sample_size=32, in_channels=4, out_channels=4, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], block_out_channels=[32, 64], layers_per_block=1,
+                 cross_attention_dim=32, attention_head_dim=[2, 4], use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                 transformer_layers_per_block=[1, 5], norm_num_groups=8)
+TINY_SD3 = dict(sample_size=32, patch_size=2, in_channels=4, attention_head_dim=8, joint_attention_dim=32,
+                pooled_projection_dim=16, out_channels=4, qk_norm="rms_norm", num_layers=6, num_attention_heads=4,
+                caption_projection_dim=32, pos_embed_max_size=32, dual_attention_layers=[])
+
+
+def tiny_unet() -> Architecture:
+    return architecture("tiny-unet", TINY_UNET, family="sdxl", diffusers_class="UNet2DConditionModel",
+                        objective="epsilon", latent_channels=4, vae_scale=8, patch=1, text_dim=32, text_len=16,
+                        pooled_dim=32, added_time_ids=6, default_resolution=128)
+
+
+def tiny_sd3() -> Architecture:
+    return architecture("tiny-sd3", TINY_SD3, family="sd3", diffusers_class="SD3Transformer2DModel", objective="flow",
+                        latent_channels=4, vae_scale=8, patch=2, text_dim=32, text_len=16, pooled_dim=16,
+                        default_resolution=128)
+
+
+@pytest.mark.parametrize("arch, targets", [(tiny_unet, ("to_q", "to_k", "to_v", "to_out.0", "proj_in")),
+                                           (tiny_sd3, ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj"))],
+                         ids=["sdxl-unet", "sd3-uniform"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_unet_and_sd3_block_lists_are_lengthened_exactly(arch, targets, checkpointing):
+    """The UNet's nested transformer_blocks lists (five blocks here: three traced) and SD3's uniform blocks (the
+    last, context-only block kept last) lengthen to the figures of a trace of every block."""
+    shape = dataclasses.replace(SHAPE, resolution=128, gradient_checkpointing=checkpointing)
+    short = estimate_denoiser(arch(), lora(targets), shape)
+    exact = estimate_denoiser(arch(), lora(targets), shape, exact=True)
+    assert any("repeated" in note for note in short.assumptions)
+    assert not any("repeated" in note for note in exact.assumptions)
+    assert (short.trainable_params, short.total_params, short.adapter_file_bytes) == \
+        (exact.trainable_params, exact.total_params, exact.adapter_file_bytes)
+    # as for FLUX.2 (test_lengthened_trace_matches_every_block); the UNet's figures come out identical
+    assert abs(short.peak_allocated_bytes - exact.peak_allocated_bytes) <= 0.01 * exact.peak_allocated_bytes
+    assert abs(short.peak_reserved_bytes - exact.peak_reserved_bytes) <= 0.02 * exact.peak_reserved_bytes
+
+
 def test_gradient_checkpointing_lowers_activations():
     off = tiny(batch_size=4)
     on = tiny(batch_size=4, gradient_checkpointing=True)
