@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from peftpick.errors import PeftpickError
-from peftpick.types import Architecture, MemoryEstimate, Optimizer, TrainingShape
+from peftpick.types import Architecture, MemoryEstimate, Optimizer, Quant, TrainingShape
 
 OPTIMIZERS = tuple(member.value for member in Optimizer)  # see estimator/optimizers.py for how each is traced
 
@@ -53,17 +53,19 @@ def estimate(
     rank: int | None = None,
     targets: list[str] | None = None,
     exact: bool = False,
+    quant: str = "none",
 ) -> MemoryEstimate:
     """Estimate peak allocated and reserved GPU memory of training `model` with `adapter`.
 
     model: registry name, local folder or config.json path, hub id, or a transformers PretrainedConfig.
     adapter: a peft.PeftConfig, a path to adapter_config.json (or its folder), "full", or a method name
         ("lora", "dora", "oft", ...; `rank` and `targets` override the method's defaults for this model).
+    quant: the frozen base quantized by bitsandbytes: "4bit" (NF4, double quantization), "4bit-no-dq", "8bit".
     """
     from peftpick.knowledge.architectures import resolve_model
 
     arch = resolve_model(model)
-    shape = _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dtype or arch.dtype)
+    shape = _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dtype or arch.dtype, quant)
     peft_config = resolve_adapter(adapter, arch, rank=rank, targets=targets)
     if shape.optimizer == "lora-fa" and (peft_config is None or getattr(peft_config, "peft_type", None) != "LORA"):
         raise PeftpickError(
@@ -74,7 +76,17 @@ def estimate(
 
 
 def estimate_architecture(arch: Architecture, peft_config: Any, shape: TrainingShape, exact: bool = False) -> MemoryEstimate:
-    """Estimate for an already resolved architecture and PEFT config (None = full fine-tuning)."""
+    """Estimate for an already resolved architecture and PEFT config (None = full fine-tuning). A quantized
+    base (`shape.quant`) is traced as bitsandbytes builds it where bitsandbytes is installed, else modelled."""
+    from peftpick.estimator import quantized
+
+    if shape.quant != "none" and peft_config is None:
+        raise PeftpickError(f"full fine-tuning cannot train a {shape.quant} quantized base (its weights are frozen "
+                            "integers)", "drop --quant, or pick an adapter method (--method lora)")
+    untraced = quantized.why_not_traced(shape.quant)
+    if untraced is not None:
+        bf16 = estimate_architecture(arch, peft_config, dataclasses.replace(shape, quant="none"), exact)
+        return quantized.modelled(dataclasses.replace(bf16, shape=shape), arch, untraced)
     point = _trace_point(arch, peft_config, shape, exact)
     return MemoryEstimate(
         peak_allocated_bytes=point.peak_allocated,
@@ -91,7 +103,7 @@ def estimate_architecture(arch: Architecture, peft_config: Any, shape: TrainingS
 # ------------------------------------------------------------------------------------------ inputs
 
 
-def _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dtype) -> TrainingShape:
+def _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dtype, quant="none") -> TrainingShape:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PeftpickError(f"batch size must be a positive whole number, got {batch_size!r}", "pass e.g. --batch-size 4")
     if not isinstance(seq_len, int) or seq_len < 2:
@@ -101,12 +113,16 @@ def _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dty
     dtype = str(dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise PeftpickError(f"unsupported dtype {dtype!r}", f"use one of: {', '.join(DTYPES)}")
+    quants = [q.value for q in Quant]
+    if quant not in quants:
+        raise PeftpickError(f"unknown quantization {quant!r}", f"pass --quant as one of: {', '.join(quants)}")
     return TrainingShape(
         batch_size=batch_size,
         seq_len=seq_len,
         gradient_checkpointing=bool(gradient_checkpointing),
         optimizer=optimizer,
         dtype=dtype,
+        quant=quant,
     )
 
 
@@ -194,6 +210,7 @@ def _trace_point(arch: Architecture, peft_config: Any, shape: TrainingShape, exa
         optimizer=shape.optimizer,
         dtype=getattr(torch, shape.dtype),
         steps=TRACED_STEPS,
+        quant=shape.quant,
     )
     try:
         with _quiet():
@@ -266,4 +283,8 @@ def _assumptions(arch: Architecture, shape: TrainingShape, lengthened: bool, poi
         "peak over 3 optimizer steps (optimizer state appears at the first)",
         ("a few layers traced, their allocations repeated to the full depth" if lengthened else "every layer traced"),
     ]
+    if shape.quant != "none":
+        from peftpick.estimator import quantized
+
+        notes[1] = quantized.describe(shape.quant, shape.dtype)
     return tuple(notes)

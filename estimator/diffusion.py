@@ -194,7 +194,7 @@ def estimate_denoiser(arch: Architecture, peft_config: Any, shape: TrainingShape
 
     with _quiet():
         result = trace_program(arch, peft_config, shape, program, exact=exact)
-    return MemoryEstimate(
+    estimate = MemoryEstimate(
         peak_allocated_bytes=result.peak_allocated,
         peak_reserved_bytes=result.peak_reserved,
         breakdown=result.breakdown,
@@ -204,6 +204,11 @@ def estimate_denoiser(arch: Architecture, peft_config: Any, shape: TrainingShape
         shape=shape,
         assumptions=_assumptions(arch, shape, program, result),
     )
+    if shape.quant == "none":
+        return estimate
+    from peftpick.estimator import quantized
+
+    return quantized.modelled(estimate, arch, "the denoiser trace builds its base unquantized")
 
 
 def geometry(denoiser: Denoiser, shape: TrainingShape) -> dict[str, int]:

@@ -235,26 +235,10 @@ class FastStorageTracker(StorageTracker):
                 self._track(leaf, owner)
         temporaries = cuda_temporaries(func, args, out)
         if temporaries is not None:
-            self._transients(*temporaries)
+            work, copies = temporaries
+            # operand copies first, then library work areas (see kernels.cuda_temporaries)
+            self.transients([(n, None) for n in copies] + [(n, "overhead") for n in work])
         return out
-
-    def _transients(self, work: list[int], copies: list[int]) -> None:
-        """Log buffers a CUDA kernel allocates after its output and frees before it returns (operand copies,
-        then library work areas, see kernels.cuda_temporaries)."""
-        trace = self.trace
-        unit = self._event_unit(None, freeing=False)
-        handles = []
-        for nbytes, tag in [(n, None) for n in copies] + [(n, "overhead") for n in work]:
-            handle = self._new_handle()
-            trace.events.append((ALLOC, handle, nbytes, unit))
-            trace.phase_of[handle] = self.phase
-            if unit is not None:
-                trace.owner[handle] = unit
-            if tag is not None:
-                trace.tags[handle] = tag
-            handles.append(handle)
-        for handle in handles:
-            trace.events.append((FREE, handle, 0, self._event_unit(trace.owner.get(handle), freeing=True)))
 
     def set_phase(self, name: str) -> None:
         # Storages that only a reference cycle keeps alive are freed when Python's cyclic collector runs, which

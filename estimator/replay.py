@@ -53,7 +53,11 @@ def replay(trace: Trace) -> ReplayResult:
         elif handle in live_raw:
             allocator.free(handle)
             by_part[category.pop(handle)] -= live_raw.pop(handle)
-    breakdown = {part: max(0, peak_parts.get(part, 0)) for part in BREAKDOWN_PARTS}
+    # parts only some runs have (a quantized base's "quantized weights", "fp32 upcasts", "dequantization")
+    # follow the weights
+    extra = [part for part, n in sorted(peak_parts.items(), reverse=True) if part not in BREAKDOWN_PARTS and n > 0]
+    order = [BREAKDOWN_PARTS[0], *extra, *BREAKDOWN_PARTS[1:]]
+    breakdown = {part: max(0, peak_parts.get(part, 0)) for part in order}
     # Block rounding and unsplit remainders are allocated bytes no tensor asked for.
     breakdown["overhead"] += stats.peak_allocated - sum(breakdown.values())
     phase = max(((start, name) for name, start in trace.marks.items() if start <= peak_index), default=(0, ""))[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,9 @@ class StorageTracker(MetaValues):
         self._refs: dict[int, weakref.ref] = {}
         self._next_handle = 0
         self.propagate_owner = False  # outside layers (build, optimizer), an output belongs to its input's unit
+        # (func, args, kwargs) -> [(bytes, breakdown part)] a CUDA kernel allocates and frees within the call
+        self.temporaries: Callable[[Any, tuple, dict], list[tuple[int, str | None]] | None] | None = None
+        self.output_tag: Callable[[Any], str | None] | None = None  # func -> breakdown part of its outputs
 
     # -- context ----------------------------------------------------------------------------------------
     def set_phase(self, name: str) -> None:
@@ -136,11 +140,33 @@ class StorageTracker(MetaValues):
         self.trace.phase_of[handle] = self.phase
         return handle
 
+    def transients(self, buffers: list[tuple[int, str | None]]) -> None:
+        """Log buffers a CUDA kernel allocates besides its output and frees before it returns ((bytes, breakdown
+        part or None) in allocation order): they raise the peak of that moment only."""
+        trace = self.trace
+        unit = self._event_unit(None, freeing=False)
+        handles = []
+        for nbytes, tag in buffers:
+            handle = self._new_handle()
+            trace.events.append((ALLOC, handle, nbytes, unit))
+            trace.phase_of[handle] = self.phase
+            if unit is not None:
+                trace.owner[handle] = unit
+            if tag is not None:
+                trace.tags[handle] = tag
+            handles.append(handle)
+        for handle in handles:
+            trace.events.append((FREE, handle, 0, self._event_unit(trace.owner.get(handle), freeing=True)))
+
     # -- dispatch -------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = self.answer(func, args)
         if out is NotImplemented:
             out = func(*args, **(kwargs or {}))
+        if self.temporaries is not None:
+            buffers = self.temporaries(func, args, kwargs or {})
+            if buffers:
+                self.transients(buffers)
         # Outputs are a tensor, a flat tuple/list of tensors, or (rarely) something nested.
         if isinstance(out, torch.Tensor):
             leaves = (out,)
@@ -155,6 +181,12 @@ class StorageTracker(MetaValues):
             if isinstance(leaf, torch.Tensor) and leaf.device.type == "meta" and leaf.layout == torch.strided:
                 owner = None if owners is None else (owners[index] if index < len(owners) else owners[-1])
                 self._track(leaf, owner)
+        if self.output_tag is not None:
+            tag = self.output_tag(func)
+            if tag is not None:
+                for leaf in leaves:
+                    if isinstance(leaf, torch.Tensor) and leaf.device.type == "meta":
+                        self.tag(leaf, tag)
         return out
 
     def _input_owners(self, args) -> list[int | None]:

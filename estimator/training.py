@@ -19,6 +19,7 @@ import torch
 
 from peftpick.estimator.kernels import KernelStandIns
 from peftpick.estimator.optimizers import make_optimizer, paged_state_bytes, state_tensors
+from peftpick.estimator.quantized import quantization_state
 from peftpick.estimator.tracer import ALLOC, MetaValues, StorageTracker, Trace
 from peftpick.knowledge.architectures import skip_weight_init
 
@@ -43,6 +44,7 @@ class TrainingProgram:
     steps: int = 2
     learning_rate: float = 1e-4
     weight_decay: float = 0.1
+    quant: str = "none"  # a Quant value: the frozen base built as bitsandbytes quantizes it (estimator.quantized)
 
 
 def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, dict[str, dict[int | None, int]]]:
@@ -63,6 +65,13 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
     with torch.device("meta"), skip_weight_init():
         model = AutoModelForCausalLM.from_config(program.config, dtype=program.dtype)
     model.tie_weights()
+    upcast: set[int] = set()
+    if program.quant != "none":
+        from peftpick.estimator.quantized import quantize_on_meta
+
+        half = {id(p) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
+        model = quantize_on_meta(model, program.quant, program.dtype)
+        upcast = {id(p) for p in model.parameters() if p.dtype == torch.float32 and id(p) in half}
     base_tensors = _tensors_in_creation_order(model)
     if program.gradient_checkpointing:
         model.gradient_checkpointing_enable(
@@ -87,6 +96,11 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
             model.to("meta")
 
     tracker = StorageTracker(vocab_size=program.config.vocab_size, nonzero_rows=nonzero_rows)
+    if program.quant != "none":
+        from peftpick.estimator.quantized import dequantization_output, dequantization_temporaries
+
+        tracker.temporaries = dequantization_temporaries
+        tracker.output_tag = dequantization_output
     with tracker:
         tracker.set_phase("build")
         for _ in range(CUBLAS_HANDLES):
@@ -100,7 +114,7 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
         counts: dict[str, dict[int | None, int]] = {"trainable": {}, "total": {}, "saved_bytes": {}}
         for p in model.parameters():
             unit = unit_of.get(id(p))
-            counts["total"][unit] = counts["total"].get(unit, 0) + p.numel()
+            counts["total"][unit] = counts["total"].get(unit, 0) + _weights_held(p)
             if p.requires_grad:
                 counts["trainable"][unit] = counts["trainable"].get(unit, 0) + p.numel()
         layers_name = _decoder_layers_name(model)
@@ -118,6 +132,13 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
             tracker.tag(p, "adapter" if p.requires_grad and not full else "weights")
         for b in model.buffers():
             tracker.tag(b, "weights")
+        if program.quant != "none":
+            for module in model.modules():
+                for t in [*_quantized_weight(module), *quantization_state(module)]:
+                    tracker.tag(t, "quantized weights")
+            for p in model.parameters():
+                if id(p) in upcast and not p.requires_grad:
+                    tracker.tag(p, "fp32 upcasts")
         optimizer = _make_optimizer(model, trainable, program)
 
         out = None
@@ -176,12 +197,27 @@ def _on_meta(mode) -> contextlib.ExitStack:
 
 
 def _tensors_in_creation_order(model) -> list[torch.Tensor]:
-    """Parameters and buffers module by module, as a model's constructor registers them."""
+    """Parameters and buffers module by module, as a model's constructor registers them, with a quantized
+    layer's quantization state after its weight."""
     tensors = []
     for module in model.modules():
         tensors.extend(module.parameters(recurse=False))
+        tensors.extend(quantization_state(module))
         tensors.extend(module.buffers(recurse=False))
     return tensors
+
+
+def _weights_held(parameter: torch.Tensor) -> int:
+    """Weights a parameter stands for: a packed 4-bit one holds two per element (its quant_state has the shape)."""
+    state = getattr(parameter, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
+    return parameter.numel()
+
+
+def _quantized_weight(module) -> list[torch.Tensor]:
+    weight = getattr(module, "weight", None)
+    return [weight] if isinstance(weight, torch.Tensor) and weight.dtype in (torch.uint8, torch.int8) else []
 
 
 def _saved_tensors(model, full: bool, trainable: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -234,7 +270,8 @@ def _attribute_layers(model, tracker: StorageTracker, period: int, hooks: bool =
         return unit_of
     for index, layer in enumerate(layers):
         unit = index // period
-        for tensor in list(layer.parameters()) + list(layer.buffers()):
+        state = [t for module in layer.modules() for t in quantization_state(module)]
+        for tensor in list(layer.parameters()) + list(layer.buffers()) + state:
             unit_of[id(tensor)] = unit
             tracker.set_owner(tensor, unit)
         if not hooks:

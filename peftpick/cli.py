@@ -270,6 +270,9 @@ def estimate_command(
     dtype: Annotated[Optional[str], typer.Option(
         "--dtype", help="Base weight dtype: bfloat16, float16 or float32 (default: the model's).",
         show_default=False)] = None,
+    quant: Annotated[str, typer.Option(
+        "--quant", help=f"Quantization of the frozen base weights (bitsandbytes): {_names(Quant)}.")]
+        = Quant.NONE.value,
     exact: Annotated[bool, typer.Option(
         "--exact", help="Trace every layer instead of repeating a few (slower, same peaks).")] = False,
     json_output: Annotated[bool, typer.Option(
@@ -284,7 +287,7 @@ def estimate_command(
         with _spinner(f"Tracing a training step of {model} on the meta device..."):  # a few seconds
             result = estimate(model, adapter, batch_size=batch_size, seq_len=seq_len,
                               gradient_checkpointing=grad_ckpt, optimizer=optimizer, dtype=dtype, rank=rank,
-                              targets=target_list, **({"exact": True} if exact else {}))
+                              targets=target_list, quant=quant, **({"exact": True} if exact else {}))
 
         from peftpick.report import estimate_to_dict
 

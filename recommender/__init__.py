@@ -121,7 +121,7 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
         raise PeftpickError(f"no method in the catalogue can be applied to {arch.name}", "check `peftpick models` and --methods")
 
     base_shape = TrainingShape(seq_len=request.seq_len, resolution=request.resolution, frames=request.frames,
-                               cached_inputs=request.cached_inputs,
+                               cached_inputs=request.cached_inputs, quant=request.quant.value,
                                **({"dtype": arch.dtype} if arch.denoiser is not None else {}))
     planner = Planner(arch, request.vram_gib, request.batch_size, request.seq_len, request.quant,
                       base_shape=base_shape)
@@ -402,7 +402,9 @@ def _shrink_hint(request: Request) -> str:
     """What to change when nothing fits: the GPU, the size of a sample, the base's precision."""
     if request.resolution is not None:  # a denoiser
         return "use a larger GPU, a lower --resolution" + (" or fewer --frames" if request.frames else "")
-    return "use a larger GPU, a shorter --seq-len or --quant 4bit"
+    if request.quant is Quant.NONE:
+        return "use a larger GPU, a shorter --seq-len or --quant 4bit"
+    return "use a larger GPU or a shorter --seq-len"
 
 
 def _memory_exclusion(candidate: Candidate, plan, request: Request) -> Exclusion:

@@ -24,9 +24,6 @@ _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # "fits" leaves this share of the card free for fragmentation that the estimate does not foresee.
 FIT_HEADROOM = 0.05
 
-# bitsandbytes storage per base-weight parameter: int8 (LLM.int8), NF4 with an fp32 absmax per 64 weights.
-QUANT_BYTES_PER_PARAM = {Quant.INT8: 1.0, Quant.INT4: 0.5 + 4 / 64}
-
 Estimator = Callable[[Architecture, Any, TrainingShape], MemoryEstimate]
 
 
@@ -55,36 +52,6 @@ def _traceable_config(candidate: Candidate):
         config = copy.copy(config)
         config.init_lora_weights = True
     return config
-
-
-def quantized_base(estimate: MemoryEstimate, arch: Architecture, quant: Quant) -> MemoryEstimate:
-    """Adjust a bf16 estimate for a bitsandbytes-quantized base: decoder linear weights shrink, and each
-    matmul dequantizes one weight to bf16 for the time of the call. Approximate: not traced."""
-    if quant is Quant.NONE:
-        return estimate
-    from peftpick.workloads import workload_of
-
-    modules = workload_of(arch).hook("layer_modules")(arch)
-    params_per_layer = sum(m.in_features * m.out_features for m in modules)
-    largest = max((m.in_features * m.out_features for m in modules), default=0)
-    element = 2 if estimate.shape.dtype != "float32" else 4
-    saved = int(params_per_layer * arch.num_layers * (element - QUANT_BYTES_PER_PARAM[quant]))
-    transient = largest * element
-    delta = transient - saved
-    breakdown = dict(estimate.breakdown)
-    breakdown["weights"] = max(0, breakdown["weights"] - saved)
-    breakdown["overhead"] += transient
-    label = "8-bit (LLM.int8)" if quant is Quant.INT8 else "4-bit NF4"
-    return dataclasses.replace(
-        estimate,
-        peak_allocated_bytes=estimate.peak_allocated_bytes + delta,
-        peak_reserved_bytes=estimate.peak_reserved_bytes + delta,
-        breakdown=breakdown,
-        assumptions=estimate.assumptions + (
-            f"{label} bitsandbytes base: decoder linear weights at {QUANT_BYTES_PER_PARAM[quant]:.3g} bytes per "
-            "parameter plus one dequantized weight per matmul; an adjustment of the bf16 trace, not traced itself",
-        ),
-    )
 
 
 class Planner:
@@ -251,8 +218,7 @@ class _Scheduler:
                 yield self.ready.pop(0)
                 continue
             key, outcome = self.pool.next_completed(self.progress)
-            planner._estimates[key] = (outcome if isinstance(outcome, PeftpickError)
-                                       else quantized_base(outcome, planner.arch, planner.quant))
+            planner._estimates[key] = outcome
             for candidate, micro, ckpt in self.waiting.pop(key):
                 self.ready.append((candidate, micro, ckpt, planner._known(key, candidate, micro, ckpt)))
 
