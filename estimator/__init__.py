@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from peftpick.errors import PeftpickError
-from peftpick.types import Architecture, MemoryEstimate, Optimizer, Quant, TrainingShape
+from peftpick.types import Architecture, LossKernel, MemoryEstimate, Optimizer, Quant, Trainer, TrainingShape
 
 OPTIMIZERS = tuple(member.value for member in Optimizer)  # see estimator/optimizers.py for how each is traced
 
@@ -54,6 +54,8 @@ def estimate(
     targets: list[str] | None = None,
     exact: bool = False,
     quant: str = "none",
+    loss: str = "stock",
+    trainer: str = "plain",
 ) -> MemoryEstimate:
     """Estimate peak allocated and reserved GPU memory of training `model` with `adapter`.
 
@@ -61,11 +63,15 @@ def estimate(
     adapter: a peft.PeftConfig, a path to adapter_config.json (or its folder), "full", or a method name
         ("lora", "dora", "oft", ...; `rank` and `targets` override the method's defaults for this model).
     quant: the frozen base quantized by bitsandbytes: "4bit" (NF4, double quantization), "4bit-no-dq", "8bit".
+    loss: "stock" (the model's own), "liger" (Liger's fused linear cross-entropy) or "chunked" (TRL's chunked
+        log-prob LM head). trainer: "plain" (a loop that keeps the output), "hf" (transformers' Trainer) or
+        "trl" (TRL's SFTTrainer, whose fused LM head is the chunked loss).
     """
     from peftpick.knowledge.architectures import resolve_model
 
     arch = resolve_model(model)
-    shape = _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dtype or arch.dtype, quant)
+    shape = _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dtype or arch.dtype, quant,
+                             loss, trainer)
     peft_config = resolve_adapter(adapter, arch, rank=rank, targets=targets)
     if shape.optimizer == "lora-fa" and (peft_config is None or getattr(peft_config, "peft_type", None) != "LORA"):
         raise PeftpickError(
@@ -83,6 +89,13 @@ def estimate_architecture(arch: Architecture, peft_config: Any, shape: TrainingS
     if shape.quant != "none" and peft_config is None:
         raise PeftpickError(f"full fine-tuning cannot train a {shape.quant} quantized base (its weights are frozen "
                             "integers)", "drop --quant, or pick an adapter method (--method lora)")
+    if shape.loss == "liger":
+        from peftpick.estimator.losses import liger_model_types
+
+        types, source = liger_model_types()
+        if arch.model_type not in types:
+            raise PeftpickError(f"Liger's kernels do not patch {arch.model_type!r} models ({source})",
+                                "use --loss chunked (TRL's chunked LM head) or --loss stock")
     untraced = quantized.why_not_traced(shape.quant)
     if untraced is not None:
         bf16 = estimate_architecture(arch, peft_config, dataclasses.replace(shape, quant="none"), exact)
@@ -103,7 +116,8 @@ def estimate_architecture(arch: Architecture, peft_config: Any, shape: TrainingS
 # ------------------------------------------------------------------------------------------ inputs
 
 
-def _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dtype, quant="none") -> TrainingShape:
+def _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dtype, quant="none", loss="stock",
+                     trainer="plain") -> TrainingShape:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PeftpickError(f"batch size must be a positive whole number, got {batch_size!r}", "pass e.g. --batch-size 4")
     if not isinstance(seq_len, int) or seq_len < 2:
@@ -113,9 +127,17 @@ def _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dty
     dtype = str(dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise PeftpickError(f"unsupported dtype {dtype!r}", f"use one of: {', '.join(DTYPES)}")
-    quants = [q.value for q in Quant]
-    if quant not in quants:
-        raise PeftpickError(f"unknown quantization {quant!r}", f"pass --quant as one of: {', '.join(quants)}")
+    for value, kind, option, what in ((quant, Quant, "--quant", "quantization"), (loss, LossKernel, "--loss", "loss"),
+                                      (trainer, Trainer, "--trainer", "trainer")):
+        names = [member.value for member in kind]
+        if value not in names:
+            raise PeftpickError(f"unknown {what} {value!r}", f"pass {option} as one of: {', '.join(names)}")
+    if trainer == "trl":
+        if loss == "liger":
+            raise PeftpickError("TRL's SFTTrainer computes the loss with its own fused LM head and refuses Liger's "
+                                "fused cross-entropy (trl 1.16.0 sft_trainer.py)",
+                                "drop --loss liger with --trainer trl (its chunked head is used), or use --trainer hf")
+        loss = "chunked"  # SFTTrainer always adds its fused (chunked) LM head
     return TrainingShape(
         batch_size=batch_size,
         seq_len=seq_len,
@@ -123,6 +145,8 @@ def _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dty
         optimizer=optimizer,
         dtype=dtype,
         quant=quant,
+        loss=loss,
+        trainer=trainer,
     )
 
 
@@ -211,6 +235,8 @@ def _trace_point(arch: Architecture, peft_config: Any, shape: TrainingShape, exa
         dtype=getattr(torch, shape.dtype),
         steps=TRACED_STEPS,
         quant=shape.quant,
+        loss=shape.loss,
+        trainer=shape.trainer,
     )
     try:
         with _quiet():
@@ -265,6 +291,23 @@ def _quiet():
         hf_logging.set_verbosity(level)
 
 
+_LOOPS = {
+    "plain": "a plain loop that keeps the model output (logits) until the next step: out = model(...); "
+             "out.loss.backward()",
+    "hf": "transformers' Trainer: the output is local to compute_loss, so the logits are freed before backward "
+          "(trainer.py training_step); its fused AdamW's temporaries are not modelled",
+    "trl": "TRL's SFTTrainer (1.16.0): the loss comes from its fused LM head, the output is freed before backward; "
+           "with a quantized base the adapter is cast to bf16 and prepare_model_for_kbit_training is not called",
+}
+_LOSSES = {
+    "stock": "the model's own loss: full logits, upcast to float32 for the cross-entropy",
+    "liger": "Liger's fused linear cross-entropy: no full logits, one chunk at a time (a stand-in with the "
+             "allocations of liger-kernel 0.8.5 ops/fused_linear_cross_entropy.py; Triton does not run on meta)",
+    "chunked": "TRL's chunked log-prob LM head: 4096-token x 32768-vocabulary tiles (a stand-in with the "
+               "allocations of trl 1.16.0 kernels/chunked_logprob.py)",
+}
+
+
 def _assumptions(arch: Architecture, shape: TrainingShape, lengthened: bool, point: _Point | None = None) -> tuple[str, ...]:
     from peftpick.estimator import optimizers
 
@@ -279,7 +322,8 @@ def _assumptions(arch: Architecture, shape: TrainingShape, lengthened: bool, poi
         f"{attention}; SDPA runs as a fused (flash / cuDNN) kernel",
         optimizer_note,
         "gradient checkpointing " + ("on (use_reentrant=False)" if shape.gradient_checkpointing else "off"),
-        "a plain loop that keeps the model output (logits) until the next step: out = model(...); out.loss.backward()",
+        _LOOPS[shape.trainer],
+        _LOSSES[shape.loss],
         "peak over 3 optimizer steps (optimizer state appears at the first)",
         ("a few layers traced, their allocations repeated to the full depth" if lengthened else "every layer traced"),
     ]

@@ -110,9 +110,10 @@ def quantization_config(quant: str, compute_dtype: torch.dtype):
                               bnb_4bit_use_double_quant=quant == "4bit")
 
 
-def quantize_on_meta(model: torch.nn.Module, quant: str, compute_dtype: torch.dtype) -> torch.nn.Module:
-    """Swap and quantize the linear layers of a meta-device model as from_pretrained does, then prepare it
-    for k-bit training as PEFT does (without enabling gradient checkpointing: the tracer does that)."""
+def quantize_on_meta(model: torch.nn.Module, quant: str, compute_dtype: torch.dtype,
+                     prepare: bool = True) -> torch.nn.Module:
+    """Swap and quantize the linear layers of a meta-device model as from_pretrained does, then (`prepare`)
+    prepare it for k-bit training as PEFT does (without enabling gradient checkpointing: the tracer does)."""
     from peft import prepare_model_for_kbit_training
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.base import get_keys_to_not_convert
@@ -124,7 +125,7 @@ def quantize_on_meta(model: torch.nn.Module, quant: str, compute_dtype: torch.dt
         _quantize_layers(model, quant, compute_dtype)
     setattr(model, "is_loaded_in_8bit" if quant == "8bit" else "is_loaded_in_4bit", True)
     model.is_quantized = True
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False) if prepare else model
 
 
 @contextlib.contextmanager

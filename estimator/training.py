@@ -45,6 +45,8 @@ class TrainingProgram:
     learning_rate: float = 1e-4
     weight_decay: float = 0.1
     quant: str = "none"  # a Quant value: the frozen base built as bitsandbytes quantizes it (estimator.quantized)
+    loss: str = "stock"  # a LossKernel value (estimator.losses)
+    trainer: str = "plain"  # a Trainer value: what the loop keeps between forward and the next step
 
 
 def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, dict[str, dict[int | None, int]]]:
@@ -70,7 +72,8 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
         from peftpick.estimator.quantized import quantize_on_meta
 
         half = {id(p) for p in model.parameters() if p.dtype in (torch.float16, torch.bfloat16)}
-        model = quantize_on_meta(model, program.quant, program.dtype)
+        # TRL's SFTTrainer does not call prepare_model_for_kbit_training (it casts the adapter to bf16 instead)
+        model = quantize_on_meta(model, program.quant, program.dtype, prepare=program.trainer != "trl")
         upcast = {id(p) for p in model.parameters() if p.dtype == torch.float32 and id(p) in half}
     base_tensors = _tensors_in_creation_order(model)
     if program.gradient_checkpointing:
@@ -94,6 +97,11 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
             model = get_peft_model(model, program.peft_config)
         if any(t.device.type != "meta" for t in _tensors_in_creation_order(model)):
             model.to("meta")
+        if program.quant != "none" and program.trainer == "trl":
+            # trl 1.16.0 sft_trainer.py: a quantized model's trainable parameters (DoRA's magnitude aside) to bf16
+            for name, parameter in model.named_parameters():
+                if parameter.requires_grad and "magnitude" not in name:
+                    parameter.data = parameter.data.to(torch.bfloat16)
 
     tracker = StorageTracker(vocab_size=program.config.vocab_size, nonzero_rows=nonzero_rows)
     if program.quant != "none":
@@ -146,11 +154,12 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
             tracker.set_phase(f"forward{step}")
             x = torch.randint(0, program.config.vocab_size, (program.batch_size, program.seq_len), device="meta")
             with KernelStandIns():
-                new_out = model(input_ids=x, labels=x)
-            out = new_out
-            del new_out
+                loss, kept = _forward(model, x, program)
+            out = kept  # the plain loop holds the model output until the next step rebinds it
+            del kept
             tracker.set_phase(f"backward{step}")
-            out.loss.backward()
+            loss.backward()
+            del loss
             tracker.set_context(None)
             for p in trainable:
                 if p.grad is not None:
@@ -175,6 +184,20 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
         tracker.set_phase("end")  # what follows is the program ending, not training
         del out, x
     return tracker.trace, counts
+
+
+def _forward(model, x, program: TrainingProgram):
+    """(loss, what the loop keeps until the next step). The plain loop keeps the model output (its logits);
+    transformers' Trainer and TRL's SFTTrainer compute the loss inside compute_loss, so the output is gone
+    before backward. A fused loss kernel returns no logits at all."""
+    if program.loss == "stock":
+        output = model(input_ids=x, labels=x)
+        loss = output.loss
+    else:
+        from peftpick.estimator.losses import fused_loss
+
+        output = loss = fused_loss(program.loss, model, x)
+    return loss, (output if program.trainer == "plain" else None)
 
 
 @contextlib.contextmanager

@@ -119,7 +119,7 @@ def _version_callback(value: bool) -> None:
 
 _RECOMMEND_OPTIONS = ("model", "vram", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size",
                       "methods", "json_output", "report", "probe", "probe_steps", "data", "resolution", "frames",
-                      "cached_inputs")
+                      "cached_inputs", "loss", "trainer")
 
 
 @app.callback(invoke_without_command=True)
@@ -173,6 +173,13 @@ def recommend_command(
         "--cached-inputs/--resident-encoders", help="Image and video models: text embeddings and latents computed "
         "beforehand (text encoders and VAE off the GPU), or text encoders and VAE on the GPU while training.")]
         = True,
+    loss: Annotated[Optional[str], typer.Option(
+        "--loss", help="Language models: the loss kernel, stock, liger (Liger's fused linear cross-entropy) or chunked "
+        "(TRL's chunked LM head); default: stock, or liger where the stock loss needs gradient checkpointing to fit "
+        "and Liger patches the model.", show_default=False)] = None,
+    trainer: Annotated[str, typer.Option(
+        "--trainer", help="Language models: the training loop the estimates model, plain, hf (transformers' Trainer) "
+        "or trl (TRL's SFTTrainer).")] = "plain",
     version: Annotated[bool, typer.Option(
         "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True)] = False,
 ) -> None:
@@ -216,7 +223,8 @@ def recommend_command(
                                 "drop --no-probe, or drop --data")
         extra.update(probe=probe, probe_steps=probe_steps, data=data)
         for name, value, default in (("resolution", resolution, None), ("frames", frames, None),
-                                     ("cached_inputs", cached_inputs, True)):
+                                     ("cached_inputs", cached_inputs, True), ("loss", loss, None),
+                                     ("trainer", trainer, "plain")):
             if value != default:
                 extra[name] = value
         if _accepts(recommend, "workers"):
@@ -273,6 +281,12 @@ def estimate_command(
     quant: Annotated[str, typer.Option(
         "--quant", help=f"Quantization of the frozen base weights (bitsandbytes): {_names(Quant)}.")]
         = Quant.NONE.value,
+    loss: Annotated[str, typer.Option(
+        "--loss", help="Loss kernel: stock (full logits), liger (Liger's fused linear cross-entropy) or chunked "
+        "(TRL's chunked LM head).")] = "stock",
+    trainer: Annotated[str, typer.Option(
+        "--trainer", help="Training loop: plain (keeps the output), hf (transformers' Trainer) or trl (TRL's "
+        "SFTTrainer).")] = "plain",
     exact: Annotated[bool, typer.Option(
         "--exact", help="Trace every layer instead of repeating a few (slower, same peaks).")] = False,
     json_output: Annotated[bool, typer.Option(
@@ -287,7 +301,8 @@ def estimate_command(
         with _spinner(f"Tracing a training step of {model} on the meta device..."):  # a few seconds
             result = estimate(model, adapter, batch_size=batch_size, seq_len=seq_len,
                               gradient_checkpointing=grad_ckpt, optimizer=optimizer, dtype=dtype, rank=rank,
-                              targets=target_list, quant=quant, **({"exact": True} if exact else {}))
+                              targets=target_list, quant=quant, loss=loss, trainer=trainer,
+                              **({"exact": True} if exact else {}))
 
         from peftpick.report import estimate_to_dict
 

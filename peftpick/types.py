@@ -326,6 +326,9 @@ class TrainingPlan:
     gradient_checkpointing: bool
     estimate: MemoryEstimate
     fit: Fit
+    loss: str = "stock"  # a LossKernel value: the planner may pick Liger's fused cross-entropy
+    # what the loss kernel saved against the stock loss (bytes reserved, measured on plain LoRA), when it was picked
+    loss_saving_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -394,6 +397,8 @@ class Request:
     cached_inputs: bool = True  # denoisers: text embeddings and latents computed beforehand
     serve_given: bool = True  # False: `serve` is the usual stack for the model's kind, chosen once it is known
     batch_given: bool = True  # False: `batch_size` is the usual effective batch for the model's kind
+    loss: LossKernel | None = None  # None: stock, or Liger's fused cross-entropy where it is needed to fit
+    trainer: Trainer = Trainer.PLAIN
 
 
 @dataclass(frozen=True)

@@ -13,18 +13,20 @@ from typing import Any
 
 from peftpick.errors import PeftpickError
 from peftpick.recommender.planning import CONTEXT_RESERVE_BYTES, FIT_HEADROOM, Planner, WorkerPool, fit_of
-from peftpick.recommender.ranking import GOAL_WEIGHTS, Assessed, quality_of, rank, speed_of
+from peftpick.recommender.ranking import CHECKPOINTING_SLOWDOWN, GOAL_WEIGHTS, Assessed, quality_of, rank, speed_of
 from peftpick.recommender.request import validate_for_model, validate_request
 from peftpick.types import (
     GIB,
     Candidate,
     Exclusion,
+    LossKernel,
     ProbeResult,
     Quant,
     RankedCandidate,
     Recommendation,
     Request,
     Serve,
+    Trainer,
     TrainingPlan,
     TrainingShape,
 )
@@ -58,6 +60,8 @@ def recommend(
     probe_top: int = PROBE_TOP,
     data: Any = None,
     probe_device: str | None = None,
+    loss: str | None = None,
+    trainer: str = "plain",
 ) -> Recommendation:
     """Rank PEFT methods for training `model` on a GPU with `vram_gb` GiB and serving on `serve`.
 
@@ -77,9 +81,12 @@ def recommend(
         (small models; loss and speed, no memory); False: estimates only.
     probe_steps: measured optimizer steps per probe. data: the probes' training data (see `peftpick.probe`).
     probe_device: "cuda", "cuda:N" or "cpu"; None: the GPU when there is one.
+    loss: the language-model loss kernel, "stock", "liger" or "chunked"; None: stock, or Liger's fused
+        cross-entropy where the stock loss does not fit without gradient checkpointing (and Liger patches the
+        model). trainer: the loop the estimates model, "plain", "hf" (transformers' Trainer) or "trl".
     """
     request = validate_request(model, vram_gb, serve, multi_adapter, quant, goal, seq_len, batch_size, resolution,
-                               frames, cached_inputs)
+                               frames, cached_inputs, loss, trainer)
     if probe not in (None, True, False):
         raise PeftpickError(f"probe must be True, False or None (automatic), got {probe!r}",
                             "pass probe=False for estimates only")
@@ -120,11 +127,14 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
             raise PeftpickError(excluded[0].reason)
         raise PeftpickError(f"no method in the catalogue can be applied to {arch.name}", "check `peftpick models` and --methods")
 
+    trl = request.trainer is Trainer.TRL
     base_shape = TrainingShape(seq_len=request.seq_len, resolution=request.resolution, frames=request.frames,
                                cached_inputs=request.cached_inputs, quant=request.quant.value,
+                               trainer=request.trainer.value,
+                               loss="chunked" if trl else (request.loss or LossKernel.STOCK).value,
                                **({"dtype": arch.dtype} if arch.denoiser is not None else {}))
     planner = Planner(arch, request.vram_gib, request.batch_size, request.seq_len, request.quant,
-                      base_shape=base_shape)
+                      base_shape=base_shape, loss_lever=request.loss is None and not trl and _liger_patches(arch))
     serving = _ServingJudge(kb, request, arch)
     allowed = []
     for candidate in candidates:
@@ -398,6 +408,14 @@ def _constraint_violation(candidate: Candidate, request: Request, kb,
     return None
 
 
+def _liger_patches(arch) -> bool:
+    if arch.denoiser is not None:
+        return False
+    from peftpick.estimator.losses import liger_model_types
+
+    return arch.model_type in liger_model_types()[0]
+
+
 def _shrink_hint(request: Request) -> str:
     """What to change when nothing fits: the GPU, the size of a sample, the base's precision."""
     if request.resolution is not None:  # a denoiser
@@ -452,6 +470,17 @@ def _settings_words(ranked: RankedCandidate) -> str:
     return " ".join(parts)
 
 
+def _loss_lever_words(plan: TrainingPlan) -> str | None:
+    """What the planner's switch to Liger's loss bought, in one sentence (None when it did not switch)."""
+    if plan.loss != "liger" or plan.loss_saving_bytes is None:
+        return None
+    saved = f"Liger's fused cross-entropy (pip install liger-kernel) saves {plan.loss_saving_bytes / GIB:.1f} GiB"
+    if plan.gradient_checkpointing:
+        return saved + " (no full logits); gradient checkpointing is still needed to fit."
+    return (saved + ", so gradient checkpointing can stay off (the ranking counts checkpointing as "
+            f"{CHECKPOINTING_SLOWDOWN:g}x slower: it recomputes the forward in backward; not measured here).")
+
+
 def _verdict(ranked: list[RankedCandidate], excluded: list[Exclusion], request: Request, arch,
              uncertainty: tuple[str, ...] = (), workload: WorkloadSpec = CAUSAL_LM) -> str:
     stack = "no particular serving stack" if request.serve is Serve.NONE else request.serve.value
@@ -474,6 +503,9 @@ def _verdict(ranked: list[RankedCandidate], excluded: list[Exclusion], request: 
     words.append(f"Peak: {plan.estimate.peak_reserved_bytes / GIB:.1f} GiB reserved ({source}) with micro-batch "
                  f"{plan.micro_batch}" + (f" x {plan.gradient_accumulation} accumulation" if plan.gradient_accumulation > 1 else "")
                  + (" and gradient checkpointing" if plan.gradient_checkpointing else "") + f" ({plan.fit}).")
+    lever = _loss_lever_words(plan)
+    if lever:
+        words.append(lever)
     words.append(best.serving.reason.rstrip(".") + ".")
     if best.flags:
         words.append("Warning: every ranked method was flagged: " + best.flags[0] + ".")

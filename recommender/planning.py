@@ -21,6 +21,10 @@ from peftpick.types import GIB, Architecture, Candidate, Fit, MemoryEstimate, Qu
 # About 0.5-0.6 GiB on Hopper with torch 2.x; the fit check adds it to the estimated peak reserved.
 CONTEXT_RESERVE_BYTES = int(0.6 * GIB)
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# A candidate that fits with checkpointing is estimated without it when its checkpointed peak plus this share
+# of what checkpointing saved plain LoRA could fit: checkpointing saves about as much for every adapter (the
+# base model's activations), a little less for some.
+PLAIN_RETRY_SHARE = 0.9
 # "fits" leaves this share of the card free for fragmentation that the estimate does not foresee.
 FIT_HEADROOM = 0.05
 
@@ -58,9 +62,12 @@ class Planner:
     """Plans candidates for one request. Holds the estimates made so far (for this request only)."""
 
     def __init__(self, arch: Architecture, vram_gib: float, batch_size: int, seq_len: int, quant: Quant,
-                 estimator: Estimator | None = None, base_shape: TrainingShape | None = None):
+                 estimator: Estimator | None = None, base_shape: TrainingShape | None = None,
+                 loss_lever: bool = False):
         """`base_shape`: what every planned setting keeps (a denoiser's resolution, frames, cached inputs, the
-        dtype); the planner sets micro-batch, accumulation, checkpointing and the optimizer."""
+        dtype, the loop); the planner sets micro-batch, accumulation, checkpointing and the optimizer.
+        `loss_lever`: the planner may switch the stock loss to Liger's fused cross-entropy, which drops the full
+        logits at no cost in quality or speed, when the stock loss does not fit without checkpointing."""
         self.arch = arch
         self.vram_gib = vram_gib
         self.batch_size = batch_size
@@ -69,6 +76,8 @@ class Planner:
         self._estimator = estimator or _default_estimator
         self._base_shape = base_shape or TrainingShape(seq_len=seq_len)
         self._estimates: dict[tuple, MemoryEstimate | PeftpickError] = {}
+        self._loss_lever = loss_lever
+        self.loss_saving_bytes: int | None = None  # what Liger saved plain LoRA, once the lever is pulled
 
     def settings(self, checkpointing: bool = True, plain_first: bool = True) -> list[tuple[int, bool]]:
         """(micro-batch, gradient checkpointing) in the order tried: the requested batch without and with
@@ -94,8 +103,9 @@ class Planner:
         PeftpickError saying why.
 
         When the first candidate (LoRA in the catalogue) does not fit without gradient checkpointing, the
-        others start with it, and are estimated without it only where their checkpointed peak plus 70 % of
-        what checkpointing saved LoRA could still fit: a whole round of hopeless estimates is skipped.
+        others start with it, and are estimated without it only where their checkpointed peak plus
+        PLAIN_RETRY_SHARE of what checkpointing saved LoRA could still fit: a round of hopeless estimates is
+        skipped.
         """
         result: dict[str, TrainingPlan | PeftpickError] = {}
         hopeless = {c.method: plan for c in candidates if (plan := self._hopeless_full_fine_tuning(c)) is not None}
@@ -104,6 +114,7 @@ class Planner:
         if not candidates:
             return result
         with pool if isinstance(pool, WorkerPool) else WorkerPool(pool) as workers:
+            self._choose_loss(candidates, workers, progress)
             plain_first, saving = self._checkpointing_saving(candidates, workers, progress)
             queues = {c.method: list(self.settings(can_checkpoint(c), plain_first)) for c in candidates}
             found: dict[str, TrainingPlan] = {}  # best plan so far
@@ -116,14 +127,15 @@ class Planner:
                     result[method] = outcome
                     continue
                 plan = TrainingPlan(micro, outcome.shape.gradient_accumulation, ckpt, outcome,
-                                    fit_of(outcome, self.vram_gib))
+                                    fit_of(outcome, self.vram_gib), outcome.shape.loss,
+                                    self.loss_saving_bytes if outcome.shape.loss == "liger" else None)
                 found[method] = _better(plan, found.get(method))
                 if plan.fit != "fits":
                     if not _may_fit(_fixed_bytes(outcome), self.vram_gib):
                         queues[method] = []  # weights, gradients and optimizer state alone exceed the VRAM
                 else:
                     worth_plain = (ckpt and micro == self.batch_size and not plain_first and saving is not None
-                                   and _may_fit(outcome.peak_reserved_bytes + 0.7 * saving, self.vram_gib))
+                                   and _may_fit(outcome.peak_reserved_bytes + PLAIN_RETRY_SHARE * saving, self.vram_gib))
                     queues[method] = [(micro, False)] if worth_plain else []
                 if queues[method]:
                     # on to the next setting, ahead of candidates not started: a slow method's last estimate
@@ -159,6 +171,25 @@ class Planner:
         )
         return TrainingPlan(1, shape.gradient_accumulation, shape.gradient_checkpointing, estimate, "does not fit")
 
+    def _choose_loss(self, candidates, pool, progress) -> None:
+        """With the lever: when plain LoRA at the requested batch without checkpointing does not fit with the
+        stock loss, every candidate is planned with Liger's fused cross-entropy (it only removes memory). Both
+        losses and Liger with checkpointing are estimated at once (the last is the next question either way)."""
+        reference = next((c for c in candidates if can_checkpoint(c)), None)
+        if not self._loss_lever or reference is None or self._base_shape.loss != "stock":
+            return
+        scheduler = _Scheduler(self, pool, progress)
+        for ckpt, loss in ((False, "stock"), (False, "liger"), (True, "liger")):
+            scheduler.request(reference, self.batch_size, ckpt, loss=loss)
+        outcomes = {(o[2], o[3].shape.loss if not isinstance(o[3], PeftpickError) else None): o[3]
+                    for o in scheduler.outcomes()}
+        stock, liger = outcomes.get((False, "stock")), outcomes.get((False, "liger"))
+        if not isinstance(stock, MemoryEstimate) or fit_of(stock, self.vram_gib) == "fits":
+            return
+        self._base_shape = dataclasses.replace(self._base_shape, loss="liger")
+        if isinstance(liger, MemoryEstimate):
+            self.loss_saving_bytes = stock.peak_reserved_bytes - liger.peak_reserved_bytes
+
     def _checkpointing_saving(self, candidates, pool, progress) -> tuple[bool, float | None]:
         """Whether to try plain (no checkpointing) settings first, and how much checkpointing saved LoRA."""
         reference = next((c for c in candidates if can_checkpoint(c)), None)
@@ -176,12 +207,12 @@ class Planner:
     def _known(self, key: tuple, candidate: Candidate, micro: int, ckpt: bool) -> MemoryEstimate | PeftpickError:
         known = self._estimates[key]
         return known if isinstance(known, PeftpickError) else dataclasses.replace(
-            known, shape=self._shape(candidate, micro, ckpt))
+            known, shape=self._shape(candidate, micro, ckpt, key[-1]))
 
-    def _shape(self, candidate: Candidate, micro: int, ckpt: bool) -> TrainingShape:
+    def _shape(self, candidate: Candidate, micro: int, ckpt: bool, loss: str | None = None) -> TrainingShape:
         return dataclasses.replace(self._base_shape, batch_size=micro, seq_len=self.seq_len,
                                    gradient_checkpointing=ckpt, gradient_accumulation=-(-self.batch_size // micro),
-                                   optimizer=candidate.optimizer)
+                                   optimizer=candidate.optimizer, loss=loss or self._base_shape.loss)
 
 
 class _Scheduler:
@@ -195,16 +226,18 @@ class _Scheduler:
         self.waiting: dict[tuple, list[tuple[Candidate, int, bool]]] = {}
         self.ready: list[tuple[Candidate, int, bool, MemoryEstimate | PeftpickError]] = []
 
-    def request(self, candidate: Candidate, micro: int, ckpt: bool, first: bool = False) -> None:
+    def request(self, candidate: Candidate, micro: int, ckpt: bool, first: bool = False,
+                loss: str | None = None) -> None:
+        """Ask for the estimate of one setting (`loss`: another loss kernel than the planner's current one)."""
         planner = self.planner
-        key = (memory_signature(candidate), micro, ckpt)
+        key = (memory_signature(candidate), micro, ckpt, loss or planner._base_shape.loss)
         if key in planner._estimates:
             self.ready.append((candidate, micro, ckpt, planner._known(key, candidate, micro, ckpt)))
         elif key in self.waiting:
             self.waiting[key].append((candidate, micro, ckpt))
         else:
             self.waiting[key] = [(candidate, micro, ckpt)]
-            shape = planner._shape(candidate, micro, ckpt)
+            shape = planner._shape(candidate, micro, ckpt, key[-1])
             label = f"{candidate.display_name}, micro-batch {micro}{', checkpointing' if ckpt else ''}"
             self.pool.submit(planner._estimator, (planner.arch, _traceable_config(candidate), shape), label, key,
                              first)

@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from peftpick.errors import PeftpickError
-from peftpick.types import Goal, Quant, Request, Serve
+from peftpick.types import Goal, LossKernel, Quant, Request, Serve, Trainer
 
 # The largest memory of a single accelerator on sale when this was written (AMD MI355X, 288 GB); anything
 # above is a typo or the memory of several GPUs, which one training process cannot pool.
@@ -69,11 +69,18 @@ def validate_request(
     resolution: Any = None,
     frames: Any = None,
     cached_inputs: Any = True,
+    loss: Any = None,
+    trainer: Any = Trainer.PLAIN,
 ) -> Request:
-    """A Request with defaults filled in; vram_gb None means the detected GPU's total memory.
+    """A Request with defaults filled in; vram_gb None means the detected GPU's total memory. loss None lets the
+    planner pick Liger's fused cross-entropy where the stock loss does not fit without checkpointing.
 
     resolution / frames / cached_inputs apply to diffusion denoisers (checked against the model once it is
     resolved: `validate_for_model`)."""
+    if trainer in (Trainer.TRL, "trl") and loss in (LossKernel.LIGER, "liger"):
+        raise PeftpickError("TRL's SFTTrainer computes the loss with its own fused LM head and refuses Liger's "
+                            "fused cross-entropy (trl 1.16.0 sft_trainer.py)",
+                            "drop --loss liger with --trainer trl (its chunked head is used), or use --trainer hf")
     if model is None or (isinstance(model, str) and not model.strip()):
         raise PeftpickError("no model given", "pass --model with a bundled name (peftpick models), a local folder or a hub id")
     vram_source = "given"
@@ -104,6 +111,8 @@ def validate_request(
                                                                  MAX_RESOLUTION),
         frames=None if frames is None else _positive_int(frames, "--frames", "--frames 81", MAX_FRAMES),
         cached_inputs=bool(cached_inputs),
+        loss=None if loss is None else _choice(loss, LossKernel, "--loss"),
+        trainer=_choice(trainer, Trainer, "--trainer"),
     )
 
 
@@ -126,7 +135,17 @@ def validate_for_model(request: Request, arch) -> Request:
             if value is not None:
                 raise PeftpickError(f"{option} is for image and video models, and {arch.name} is a language model",
                                     "drop it (use --seq-len for the training sequence length)")
+        if request.loss is LossKernel.LIGER:
+            from peftpick.estimator.losses import liger_model_types
+
+            types, source = liger_model_types()
+            if arch.model_type not in types:
+                raise PeftpickError(f"Liger's kernels do not patch {arch.model_type!r} models ({source})",
+                                    "use --loss chunked (TRL's chunked LM head) or --loss stock")
         return request
+    if request.loss is not None or request.trainer is not Trainer.PLAIN:
+        raise PeftpickError(f"--loss and --trainer are for language models, and {arch.name} is a denoiser",
+                            "drop them (the denoiser's loop is the diffusers training script's)")
     from peftpick.knowledge.denoisers import checked_geometry
 
     resolution, frames = checked_geometry(arch, request.resolution, request.frames)

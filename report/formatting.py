@@ -165,8 +165,12 @@ def plan_text(ranked: RankedCandidate) -> str:
         f"micro-batch {plan.micro_batch} x gradient accumulation {plan.gradient_accumulation} "
         f"(effective batch {effective}), gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
         f"optimizer {optimizer_label(candidate.optimizer)}, learning rate {candidate.learning_rate:g}, "
-        f"{plan.estimate.shape.dtype} weights"
+        f"{plan.estimate.shape.dtype} weights" + (f", {LOSS_LABELS[plan.loss]}" if plan.loss != "stock" else "")
     )
+
+
+LOSS_LABELS = {"liger": "Liger's fused linear cross-entropy (pip install liger-kernel)",
+               "chunked": "TRL's chunked LM head"}
 
 
 def optimizer_label(optimizer: str) -> str:

@@ -201,6 +201,7 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
         f"gradient_checkpointing={plan.gradient_checkpointing}",
         "learning_rate=learning_rate",
         *([precision] if precision else []),
+        *(["use_liger_kernel=True  # pip install liger-kernel"] if plan.loss == "liger" else []),
     ]
     lines += [
         f"# optimizer: {optimizer_label(candidate.optimizer)}. With transformers' Trainer, pass "

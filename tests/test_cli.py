@@ -231,7 +231,7 @@ def test_estimate_table_and_the_arguments_it_passes(runner: CliRunner, monkeypat
     assert result.exit_code == 0, result.output
     assert calls == [("smollm2-135m", "lora", {
         "batch_size": 2, "seq_len": 64, "gradient_checkpointing": True, "optimizer": "lora-fa", "dtype": "float16",
-        "rank": 8, "targets": ["q_proj", "v_proj"], "quant": "none",
+        "rank": 8, "targets": ["q_proj", "v_proj"], "quant": "none", "loss": "stock", "trainer": "plain",
     })]
     for label in ("peak allocated", "peak reserved (must fit)", "3.000", "activations", "Trainable parameters",
                   "Assumptions", "estimated"):
