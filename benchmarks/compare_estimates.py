@@ -59,8 +59,11 @@ def estimate_row(row: dict, exact: bool):
         from peftpick.knowledge.architectures import resolve_model
 
         adapter = peft_config(method, resolve_model(model)) or "full"
+    # rows of measure_peaks.py --stacks carry their quantization, optimizer, loss kernel and loop
     return estimate(model, adapter, batch_size=row["batch"], seq_len=row["seq"],
-                    gradient_checkpointing=bool(row["grad_ckpt"]), optimizer=optimizer, exact=exact)
+                    gradient_checkpointing=bool(row["grad_ckpt"]), optimizer=row.get("optimizer", optimizer),
+                    quant=row.get("quant", "none"), loss=row.get("loss", "stock"), trainer=row.get("trainer", "plain"),
+                    exact=exact)
 
 
 def summary(errors: list[float]) -> str:

@@ -6,7 +6,7 @@
 #   1. measure_peaks.py        real peak allocated / reserved of short training runs (the default grid)
 #                              -> results/<gpu>-training-peaks.jsonl (a dated name when that file already exists)
 #   2. compare_estimates.py    the memory estimator against the rows just measured
-#                              -> results/<gpu>-estimator-vs-measured.jsonl
+#                              -> results/<gpu>-training-estimator-vs-measured.jsonl
 #   3. probe_speed.py          `peftpick probe` of the eight default candidates, Llama-3.2-3B, 4 x 768 (target <= 45 s)
 #                              -> results/<gpu>-probe-speed.json
 #   4. probe_vs_reference.py   probe peaks against a plain training loop (target: within 2 %)
@@ -19,6 +19,9 @@
 #   PYTHON=...                 the interpreter (default: .venv/bin/python when present, else python3)
 #   MEASURE_PEAKS_ARGS="..."   extra arguments for measure_peaks.py, e.g. "--archs llama-3.2-1b --methods full,ia3"
 #   SKIP_MEASURE_PEAKS=1       skip steps 1 and 2 (the grid takes about a quarter of an hour)
+#   LEVERS=1                   also measure the training stacks (measure_peaks.py --levers: QLoRA bases, 8-bit
+#                              optimizers, Liger, Trainer, SFTTrainer; 54 runs) and compare them with the estimate
+#                              -> results/<gpu>-lever-peaks.jsonl, results/<gpu>-lever-estimator-vs-measured.jsonl
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -64,22 +67,32 @@ print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
       f'peft {peft.__version__}')" 2>&1 | tee -a "$LOG"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$LOG"
 
-if [ "${SKIP_MEASURE_PEAKS:-0}" != "1" ]; then
-    PEAKS="$RESULTS/$SLUG-training-peaks.jsonl"
-    if [ -e "$PEAKS" ]; then PEAKS="$RESULTS/$SLUG-training-peaks-$STAMP.jsonl"; fi  # measure_peaks.py appends
-    # shellcheck disable=SC2086  # MEASURE_PEAKS_ARGS is a list of words on purpose
-    step measure_peaks "$PYTHON" benchmarks/measure_peaks.py --out "$PEAKS" ${MEASURE_PEAKS_ARGS:-}
-    if [ -s "$PEAKS" ]; then
+measure_and_compare() {  # measure_and_compare NAME FILE-STEM MEASURE_PEAKS_ARGS...: measure, then compare those rows
+    local name=$1 stem=$2
+    shift 2
+    local peaks="$RESULTS/$SLUG-$stem-peaks.jsonl"
+    if [ -e "$peaks" ]; then peaks="$RESULTS/$SLUG-$stem-peaks-$STAMP.jsonl"; fi  # measure_peaks.py appends
+    step "measure_$name" "$PYTHON" benchmarks/measure_peaks.py --out "$peaks" "$@"
+    if [ -s "$peaks" ]; then
         # only the rows just measured: a folder holding a copy of them, and no shared measurements
-        ONLY_NEW=$(mktemp -d)
-        cp "$PEAKS" "$ONLY_NEW/"
-        step compare_estimates "$PYTHON" benchmarks/compare_estimates.py --results "$ONLY_NEW" \
-            --shared "$ONLY_NEW/no-shared-measurements" --save "$RESULTS/$SLUG-estimator-vs-measured.jsonl"
-        rm -rf "$ONLY_NEW"
+        local only_new
+        only_new=$(mktemp -d)
+        cp "$peaks" "$only_new/"
+        step "compare_$name" "$PYTHON" benchmarks/compare_estimates.py --results "$only_new" \
+            --shared "$only_new/no-shared-measurements" --save "$RESULTS/$SLUG-$stem-estimator-vs-measured.jsonl"
+        rm -rf "$only_new"
     else
-        say "compare_estimates: skipped, measure_peaks.py wrote no rows"
-        FAILED+=("compare_estimates (no rows to compare)")
+        say "compare_$name: skipped, measure_peaks.py wrote no rows"
+        FAILED+=("compare_$name (no rows to compare)")
     fi
+}
+
+if [ "${SKIP_MEASURE_PEAKS:-0}" != "1" ]; then
+    # shellcheck disable=SC2086  # MEASURE_PEAKS_ARGS is a list of words on purpose
+    measure_and_compare peaks training ${MEASURE_PEAKS_ARGS:-}
+fi
+if [ "${LEVERS:-0}" = "1" ]; then
+    measure_and_compare levers lever --levers
 fi
 
 step probe_speed "$PYTHON" benchmarks/probe_speed.py --save "$RESULTS/$SLUG-probe-speed.json"

@@ -396,14 +396,21 @@ def _looks_like_path(text: str) -> bool:
 
 
 def resolve_model(spec: Any, registry: Registry | None = None) -> Architecture:
-    """Architecture for `spec`: a bundled name/alias/hub id, a local folder or config.json, a PretrainedConfig,
-    or a hub id read with `transformers.AutoConfig.from_pretrained`.
+    """Architecture for `spec`: a bundled name/alias/hub id, a local folder or config.json, a PretrainedConfig, a
+    loaded PreTrainedModel (its config), or a hub id read with `transformers.AutoConfig.from_pretrained`.
 
     Raises PeftpickError (problem; fix) for unknown names (with the closest bundled names), unreadable or
     malformed config files, hub failures and non-causal-LM architectures.
     """
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedModel
 
+    if isinstance(spec, PreTrainedModel) or (hasattr(spec, "get_base_model")
+                                             and isinstance(spec.get_base_model(), PreTrainedModel)):
+        # a loaded model (a PeftModel too): its config is the architecture; its weights are not read
+        base = spec.get_base_model() if hasattr(spec, "get_base_model") else spec
+        config = base.config
+        name = getattr(config, "name_or_path", "") or config.model_type
+        return architecture_from_config(config, name=name, source=f"loaded model ({type(base).__name__})")
     if isinstance(spec, PretrainedConfig):
         name = getattr(spec, "name_or_path", "") or spec.model_type
         return architecture_from_config(spec, name=name, source=f"transformers config object ({type(spec).__name__})")

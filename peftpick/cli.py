@@ -119,7 +119,7 @@ def _version_callback(value: bool) -> None:
 
 _RECOMMEND_OPTIONS = ("model", "vram", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size",
                       "methods", "json_output", "report", "probe", "probe_steps", "data", "resolution", "frames",
-                      "cached_inputs", "loss", "trainer")
+                      "cached_inputs", "loss", "trainer", "emit")
 
 
 @app.callback(invoke_without_command=True)
@@ -173,6 +173,9 @@ def recommend_command(
         "--cached-inputs/--resident-encoders", help="Image and video models: text embeddings and latents computed "
         "beforehand (text encoders and VAE off the GPU), or text encoders and VAE on the GPU while training.")]
         = True,
+    emit: Annotated[Optional[Path], typer.Option(
+        "--emit", help="Also write a runnable TRL training script for the best candidate and its plan.",
+        metavar="FILE", show_default=False)] = None,
     loss: Annotated[Optional[str], typer.Option(
         "--loss", help="Language models: the loss kernel, stock, liger (Liger's fused linear cross-entropy) or chunked "
         "(TRL's chunked LM head); default: stock, or liger where the stock loss needs gradient checkpointing to fit "
@@ -211,6 +214,9 @@ def recommend_command(
             from peftpick.report.files import report_format
 
             report_format(report)  # a wrong suffix fails now, not after the long part
+        if emit is not None and not emit.parent.is_dir():
+            raise PeftpickError(f"--emit {emit}: folder {emit.parent} does not exist",
+                                "create it first, or pass a path in an existing folder")
         recommend = _library_recommend()
         extra: dict[str, Any] = {}
         if methods:
@@ -248,6 +254,11 @@ def recommend_command(
         if report is not None:
             written = write_report(rec, report)
             typer.echo(f"report written to {written}", err=True)
+        if emit is not None:
+            from peftpick.report.trainer_config import training_script
+
+            emit.write_text(training_script(rec))
+            typer.echo(f"TRL training script written to {emit} (python {emit} --data data.jsonl)", err=True)
 
 
 # --------------------------------------------------------------------------------------------- estimate

@@ -370,6 +370,18 @@ class RankedCandidate:
     def peft_config(self):
         return self.candidate.peft_config()
 
+    def training_arguments(self, output_dir: str, **overrides):
+        """A transformers.TrainingArguments carrying this plan (peftpick.report.trainer_config)."""
+        from peftpick.report.trainer_config import training_arguments
+
+        return training_arguments(self, output_dir, **overrides)
+
+    def sft_config(self, output_dir: str, **overrides):
+        """A trl.SFTConfig carrying this plan (peftpick.report.trainer_config)."""
+        from peftpick.report.trainer_config import sft_config
+
+        return sft_config(self, output_dir, **overrides)
+
     @property
     def method(self) -> str:
         return self.candidate.method

@@ -85,6 +85,8 @@ def validate_request(
         raise PeftpickError("no model given", "pass --model with a bundled name (peftpick models), a local folder or a hub id")
     vram_source = "given"
     if vram_gb is None:
+        vram_gb, vram_source = _gpu_of_model(model)
+    if vram_gb is None:
         from peftpick.probes.device import detect_gpu
 
         gpu = detect_gpu()
@@ -114,6 +116,20 @@ def validate_request(
         loss=None if loss is None else _choice(loss, LossKernel, "--loss"),
         trainer=_choice(trainer, Trainer, "--trainer"),
     )
+
+
+def _gpu_of_model(model: Any) -> tuple[float | None, str]:
+    """The memory of the CUDA GPU a loaded model sits on (None when it is not a model on a GPU)."""
+    parameters = getattr(model, "parameters", None)
+    if not callable(parameters):
+        return None, "given"
+    device = next((p.device for p in parameters() if p.device.type == "cuda"), None)
+    if device is None:
+        return None, "given"
+    import torch
+
+    properties = torch.cuda.get_device_properties(device)
+    return properties.total_memory / 2**30, f"detected: {properties.name} (the model's GPU, {device})"
 
 
 def validate_for_model(request: Request, arch) -> Request:

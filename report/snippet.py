@@ -51,10 +51,31 @@ def python_literal(value: Any) -> str:
 
 
 def _config_call(class_name: str, kwargs: Mapping[str, Any]) -> list[str]:
+    """The config's constructor call with the settings that differ from the class's own defaults."""
     lines = [f"peft_config = {class_name}(", f"    task_type={python_literal(_TASK_TYPE)},"]
-    lines += [f"    {key}={python_literal(value)}," for key, value in kwargs.items() if key != "task_type"]
+    defaults = _defaults(class_name)
+    lines += [f"    {key}={python_literal(value)}," for key, value in kwargs.items()
+              if key != "task_type" and not (key in defaults and _same(defaults[key], value))]
     lines.append(")")
     return lines
+
+
+def _defaults(class_name: str) -> dict[str, Any]:
+    import dataclasses
+
+    import peft
+
+    cls = getattr(peft, class_name, None)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return {}
+    instance = cls()
+    return {f.name: getattr(instance, f.name) for f in dataclasses.fields(cls) if f.init}
+
+
+def _same(default: Any, value: Any) -> bool:
+    if isinstance(default, (set, frozenset)) or isinstance(value, (set, frozenset)):
+        return set(default or ()) == set(value or ())
+    return type(default) is type(value) and default == value
 
 
 def _quant_value(quant: Quant | str) -> str:
@@ -67,15 +88,15 @@ def _model_lines(model_id: str, dtype: str, quant: str, checkpointing: bool | No
     checkpointing None: left to prepare_model_for_kbit_training, which the caller adds.
     """
     lines = [f"MODEL_ID = {python_literal(model_id)}"]
-    if quant in ("4bit", "8bit"):
+    if quant in ("4bit", "4bit-no-dq", "8bit"):
         imports = ["from transformers import AutoModelForCausalLM, BitsAndBytesConfig"]
-        if quant == "4bit":
+        if quant != "8bit":
             lines += [
                 "quantization_config = BitsAndBytesConfig(",
                 "    load_in_4bit=True,",
                 '    bnb_4bit_quant_type="nf4",',
                 f"    bnb_4bit_compute_dtype=torch.{dtype},",
-                "    bnb_4bit_use_double_quant=True,",
+                f"    bnb_4bit_use_double_quant={quant == '4bit'},",
                 ")",
             ]
         else:
@@ -126,7 +147,7 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
     is_peft = candidate.peft_config_class is not None
     lora_fa = candidate.optimizer == "lora-fa"
     # Quantized frozen base weights (QLoRA-style): PEFT prepares the model and sets up checkpointing.
-    kbit = is_peft and quant in ("4bit", "8bit")
+    kbit = is_peft and quant in ("4bit", "4bit-no-dq", "8bit")
 
     peft_names = [candidate.peft_config_class, "get_peft_model"] if is_peft else []
     if kbit:

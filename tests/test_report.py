@@ -513,3 +513,23 @@ def test_snippet_rebuilds_every_catalogue_config(rec: Recommendation):
         exec(compile(_adapter_section(snippet), f"<{candidate.method}>", "exec"), namespace)
         expected = candidate.peft_config()
         assert namespace.get("peft_config") == expected, candidate.method
+
+
+@pytest.mark.parametrize("method", ["lora", "oft", "rslora"])
+def test_snippet_config_lists_only_non_default_settings_and_builds_the_same_config(method):
+    import peft
+
+    from peftpick.knowledge import KnowledgeBase
+    from peftpick.knowledge.architectures import resolve_model
+    from peftpick.methods import candidates_for
+    from peftpick.report.snippet import _config_call
+
+    arch = resolve_model("llama-3.2-3b")
+    candidate = candidates_for(arch, KnowledgeBase.load(), [method])[0][0]
+    lines = _config_call(candidate.peft_config_class, candidate.peft_kwargs)
+    assert not any("lora_dropout" in line or "bias=" in line for line in lines)  # PEFT's defaults
+    namespace: dict = {}
+    exec("\n".join(lines), vars(peft), namespace)  # noqa: S102 - the snippet's own code
+    built, expected = namespace["peft_config"].to_dict(), candidate.peft_config().to_dict()
+    built.pop("task_type"), expected.pop("task_type", None)
+    assert built == expected
