@@ -119,7 +119,7 @@ def _version_callback(value: bool) -> None:
 
 _RECOMMEND_OPTIONS = ("model", "vram", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size",
                       "methods", "json_output", "report", "probe", "probe_steps", "data", "resolution", "frames",
-                      "cached_inputs", "loss", "trainer", "emit")
+                      "cached_inputs", "loss", "trainer", "emit", "packing")
 
 
 @app.callback(invoke_without_command=True)
@@ -161,8 +161,12 @@ def recommend_command(
     probe_steps: Annotated[int, typer.Option(
         "--probe-steps", "--steps", help="Measured optimizer steps per probe.")] = 10,
     data: Annotated[Optional[Path], typer.Option(
-        "--data", help="Training data for the probes: .jsonl/.json, .csv/.tsv, .parquet or .txt (default: built-in "
-        "arithmetic problems).", metavar="FILE", show_default=False)] = None,
+        "--data", help="Your training data: .jsonl/.json, .csv/.tsv, .parquet or .txt. Its token lengths (with the "
+        "model's tokenizer, when it is on this machine) set the estimated peak; the probes train on it (default: "
+        "built-in arithmetic problems).", metavar="FILE", show_default=False)] = None,
+    packing: Annotated[bool, typer.Option(
+        "--packing", help="The --data examples are packed into full rows of --seq-len tokens (no padding).")]
+        = False,
     resolution: Annotated[Optional[int], typer.Option(
         "--resolution", help="Image and video models: training resolution in pixels per side (default: the "
         "model's usual).", show_default=False)] = None,
@@ -224,13 +228,10 @@ def recommend_command(
         if probe_steps < 2:
             raise PeftpickError(f"--probe-steps must be at least 2, got {probe_steps}",
                                 "a loss slope needs two optimizer steps or more; pass e.g. --probe-steps 10")
-        if data is not None and probe is False:
-            raise PeftpickError("--data is training data for the probes, and --no-probe turns them off",
-                                "drop --no-probe, or drop --data")
         extra.update(probe=probe, probe_steps=probe_steps, data=data)
         for name, value, default in (("resolution", resolution, None), ("frames", frames, None),
                                      ("cached_inputs", cached_inputs, True), ("loss", loss, None),
-                                     ("trainer", trainer, "plain")):
+                                     ("trainer", trainer, "plain"), ("packing", packing, False)):
             if value != default:
                 extra[name] = value
         if _accepts(recommend, "workers"):

@@ -392,6 +392,20 @@ class RankedCandidate:
 
 
 @dataclass(frozen=True)
+class LengthProfile:
+    """Token lengths of the user's training examples, after the model's tokenizer and chat template."""
+
+    examples: int
+    mean: float
+    median: int
+    p95: int
+    longest: int
+    over_seq_len: int  # examples longer than --seq-len (truncated)
+    tokenizer: str
+    source: str  # what was read, e.g. "train.jsonl: 1,000 records read (...)"
+
+
+@dataclass(frozen=True)
 class Request:
     """What the user asked for, with defaults filled in and validated (recommender.validate_request)."""
 
@@ -411,6 +425,7 @@ class Request:
     batch_given: bool = True  # False: `batch_size` is the usual effective batch for the model's kind
     loss: LossKernel | None = None  # None: stock, or Liger's fused cross-entropy where it is needed to fit
     trainer: Trainer = Trainer.PLAIN
+    packing: bool = False  # examples packed into rows of seq_len tokens (needs the data)
 
 
 @dataclass(frozen=True)
@@ -425,6 +440,7 @@ class Recommendation:
     gpu: str | None = None  # the GPU the figures were measured on, None when estimated
     verdict: str = ""  # one paragraph for people, first thing the report prints
     goal_weights: dict[str, float] = field(default_factory=dict)  # the utility's weights for the request's goal
+    lengths: LengthProfile | None = None  # the user's data, when given and the tokenizer is on this machine
     uncertainty: tuple[str, ...] = ()  # which top candidates the evidence cannot order, and what would settle it
     probes: tuple[ProbeResult, ...] = ()  # every probe run for this recommendation (also those later excluded)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from peftpick.errors import PeftpickError
+from peftpick.types import LengthProfile
 from peftpick.probes.sample import SAMPLE_NAME, SAMPLE_SEED, SAMPLE_VERSION, sample_texts
 
 FORMATS: Mapping[str, str] = {
@@ -423,3 +424,47 @@ def pack_blocks(data: ProbeData, encoder: ByteTokens | ModelTokens, seq_len: int
 
 def tokenizer_files_in(folder: Path) -> bool:
     return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def model_encoder(arch: Any, weights: str | None = None, local_only: bool = True) -> ByteTokens | ModelTokens:
+    """The model's tokenizer when this machine has it; else the byte-level stand-in."""
+    source = None
+    if arch.local_path and tokenizer_files_in(Path(arch.local_path)):
+        source = arch.local_path
+    elif arch.hub_id and (_hub_tokenizer_cached(arch.hub_id) or (weights == arch.hub_id and not local_only)):
+        source = arch.hub_id
+    vocab = int(arch.vocab_size)
+    if source is not None:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only or source == arch.local_path)
+            return ModelTokens(tokenizer, source, vocab)
+        except Exception:  # a broken or incompatible tokenizer: the stand-in keeps the probe going
+            pass
+    eos = arch.config.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    return ByteTokens(vocab, eos if isinstance(eos, int) and 0 <= eos < vocab else vocab - 1)
+
+
+def _hub_tokenizer_cached(hub_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return any(isinstance(try_to_load_from_cache(hub_id, name), str)
+               for name in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def length_profile(data: ProbeData, encoder: ModelTokens, seq_len: int) -> LengthProfile:
+    """Token lengths of the examples as the model's tokenizer (and chat template) makes them."""
+    import statistics
+
+    lengths = sorted(len(encoder.encode(example)) for example in data.examples)
+    if not lengths:
+        raise PeftpickError("the data gives no examples to measure", "pass a data file with some text")
+    return LengthProfile(
+        examples=len(lengths), mean=statistics.fmean(lengths), median=int(statistics.median(lengths)),
+        p95=lengths[min(len(lengths) - 1, math.ceil(0.95 * len(lengths)) - 1)], longest=lengths[-1],
+        over_seq_len=sum(1 for n in lengths if n > seq_len), tokenizer=encoder.name, source=data.description)
+

@@ -31,14 +31,7 @@ from typing import Any
 
 from peftpick.errors import PeftpickError
 from peftpick.probes.cache import ProbeCache, ProbeWarning, cache_key
-from peftpick.probes.data import (
-    CHARS_PER_TOKEN_READ,
-    ByteTokens,
-    ModelTokens,
-    ProbeData,
-    pack_blocks,
-    tokenizer_files_in,
-)
+from peftpick.probes.data import CHARS_PER_TOKEN_READ, ProbeData, model_encoder, pack_blocks
 from peftpick.probes.job import PROTOCOL_VERSION, WORKLOAD_ENV, ProbeJob, ProbeProgram, probe_program
 from peftpick.probes.results import fit_loss_slope
 from peftpick.types import GIB, Architecture, Candidate, ProbeResult, TrainingPlan, TrainingShape
@@ -510,7 +503,7 @@ def pack_tokens(run: _ProbeRun) -> tuple[str, tuple[str, ...]]:
     """A causal LM's inputs: the run's data tokenized and packed into blocks (`ProbeProgram.prepare_inputs`)."""
     assert run.folder is not None
     run.reporter.message("tokenizing the probe data")
-    encoder = _encoder(run.arch, run.weights, run.local_only)
+    encoder = model_encoder(run.arch, run.weights, run.local_only)
     seq_len = max(shape.seq_len for shape in run.settings)
     blocks, notes = pack_blocks(run.data, encoder, seq_len, _blocks_needed(run.settings, run.options))
     import torch
@@ -536,36 +529,6 @@ def _setting_words(shape: TrainingShape) -> str:
     if shape.gradient_accumulation > 1:
         words += f" x {shape.gradient_accumulation} accumulation"
     return words + (", checkpointing" if shape.gradient_checkpointing else "")
-
-
-def _encoder(arch: Architecture, weights: str | None, local_only: bool) -> ByteTokens | ModelTokens:
-    """The model's tokenizer when this machine has it; else the byte-level stand-in."""
-    source = None
-    if arch.local_path and tokenizer_files_in(Path(arch.local_path)):
-        source = arch.local_path
-    elif arch.hub_id and (_hub_tokenizer_cached(arch.hub_id) or (weights == arch.hub_id and not local_only)):
-        source = arch.hub_id
-    vocab = int(arch.vocab_size)
-    if source is not None:
-        try:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only or source == arch.local_path)
-            return ModelTokens(tokenizer, source, vocab)
-        except Exception:  # a broken or incompatible tokenizer: the stand-in keeps the probe going
-            pass
-    eos = arch.config.get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) and eos else eos
-    return ByteTokens(vocab, eos if isinstance(eos, int) and 0 <= eos < vocab else vocab - 1)
-
-
-def _hub_tokenizer_cached(hub_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    return any(isinstance(try_to_load_from_cache(hub_id, name), str)
-               for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
 # ------------------------------------------------------------------------------------------- workers

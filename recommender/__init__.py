@@ -7,6 +7,8 @@ base, the VRAM: `planning.py` finds settings that fit), then rank the rest (`ran
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ from peftpick.types import (
     GIB,
     Candidate,
     Exclusion,
+    LengthProfile,
     LossKernel,
     ProbeResult,
     Quant,
@@ -62,6 +65,7 @@ def recommend(
     probe_device: str | None = None,
     loss: str | None = None,
     trainer: str = "plain",
+    packing: bool = False,
 ) -> Recommendation:
     """Rank PEFT methods for training `model` on a GPU with `vram_gb` GiB and serving on `serve`.
 
@@ -84,6 +88,9 @@ def recommend(
     loss: the language-model loss kernel, "stock", "liger" or "chunked"; None: stock, or Liger's fused
         cross-entropy where the stock loss does not fit without gradient checkpointing (and Liger patches the
         model). trainer: the loop the estimates model, "plain", "hf" (transformers' Trainer) or "trl".
+    data (language models): also the length distribution the estimates use, tokenized with the model's
+        tokenizer when this machine has it: batches padded to their longest example, so the peak is set by the
+        longest (up to seq_len). packing: the examples are packed into full rows of seq_len tokens instead.
     """
     request = validate_request(model, vram_gb, serve, multi_adapter, quant, goal, seq_len, batch_size, resolution,
                                frames, cached_inputs, loss, trainer)
@@ -92,6 +99,10 @@ def recommend(
                             "pass probe=False for estimates only")
     if isinstance(probe_top, bool) or not isinstance(probe_top, int) or probe_top < 1:
         raise PeftpickError(f"probe_top must be a whole number of at least 1, got {probe_top!r}", "pass e.g. 8")
+    if packing and data is None:
+        raise PeftpickError("--packing packs the examples of --data into full rows, and no --data was given",
+                            "pass --data FILE with --packing, or drop --packing")
+    request = dataclasses.replace(request, packing=bool(packing))
     probing = ProbeRequest(probe, probe_steps, probe_top, data, probe_device)
     with WorkerPool(workers or 1) as pool:
         return _recommend(request, model, methods, kb, progress, pool, probing)
@@ -121,6 +132,9 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
     arch = resolve_model(model, kb.architectures)
     request = validate_for_model(request, arch)
     workload = workload_of(arch)
+    lengths, lengths_note = _data_lengths(request, arch, probing.data)
+    # the longest batch sets the peak: padded to its longest example, or full rows when packed
+    seq_len = request.seq_len if lengths is None or request.packing else min(request.seq_len, lengths.longest)
     candidates, excluded = candidates_for(arch, kb, methods)
     if not candidates:
         if methods and excluded:  # the user named the methods: say why the first cannot be used
@@ -128,12 +142,12 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
         raise PeftpickError(f"no method in the catalogue can be applied to {arch.name}", "check `peftpick models` and --methods")
 
     trl = request.trainer is Trainer.TRL
-    base_shape = TrainingShape(seq_len=request.seq_len, resolution=request.resolution, frames=request.frames,
+    base_shape = TrainingShape(seq_len=seq_len, resolution=request.resolution, frames=request.frames,
                                cached_inputs=request.cached_inputs, quant=request.quant.value,
                                trainer=request.trainer.value,
                                loss="chunked" if trl else (request.loss or LossKernel.STOCK).value,
                                **({"dtype": arch.dtype} if arch.denoiser is not None else {}))
-    planner = Planner(arch, request.vram_gib, request.batch_size, request.seq_len, request.quant,
+    planner = Planner(arch, request.vram_gib, request.batch_size, seq_len, request.quant,
                       base_shape=base_shape, loss_lever=request.loss is None and not trl and _liger_patches(arch))
     serving = _ServingJudge(kb, request, arch)
     allowed = []
@@ -202,7 +216,7 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
     return Recommendation(
         request=request,
         architecture=arch,
-        assumptions=_assumptions(request, arch, probes, gpu_name, probing.wanted, workload),
+        assumptions=_assumptions(request, arch, probes, gpu_name, probing.wanted, workload, lengths, lengths_note),
         ranked=tuple(ranked),
         excluded=tuple(excluded),
         gpu=gpu_name,
@@ -210,6 +224,7 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
         goal_weights=dict(GOAL_WEIGHTS[request.goal]),
         uncertainty=uncertainty,
         probes=probes,
+        lengths=lengths,
     )
 
 
@@ -433,10 +448,14 @@ def _memory_exclusion(candidate: Candidate, plan, request: Request) -> Exclusion
             f"{candidate.display_name}: needs more than {need:.1f} GiB whatever the micro-batch (its weights and "
             f"gradients alone, not traced), more than {request.vram_gib:g} GiB; use a larger GPU or an adapter",
         )
+    upcast = plan.estimate.breakdown.get("fp32 upcasts", 0)
+    trl_hint = (f"; or --trainer trl: PEFT's prepare_model_for_kbit_training holds {upcast / GIB:.1f} GiB of float32 "
+                "copies of the embeddings, norms and output head, which TRL's SFTTrainer keeps in bf16 (and it "
+                "never builds the full logits)" if upcast and request.trainer is not Trainer.TRL else "")
     return Exclusion(
         candidate.method, candidate.display_name, "memory",
         f"{candidate.display_name}: needs about {need:.1f} GiB even with micro-batch {plan.micro_batch} and "
-        f"gradient checkpointing (estimated), more than {request.vram_gib:g} GiB; {_shrink_hint(request)}",
+        f"gradient checkpointing (estimated), more than {request.vram_gib:g} GiB; {_shrink_hint(request)}{trl_hint}",
     )
 
 
@@ -547,14 +566,41 @@ def _with_runner_up_advice(ranked: list[RankedCandidate], assessed: list[Assesse
     return ranked
 
 
-def _shape_words(request: Request, arch) -> str:
+def _data_lengths(request: Request, arch, data) -> tuple[LengthProfile | None, str | None]:
+    """The token lengths of the user's data (language models), or why they are not used."""
+    if data is None or arch.denoiser is not None:
+        return None, None
+    from peftpick.probes.data import ModelTokens, length_profile, load_probe_data, model_encoder
+
+    read = data if not isinstance(data, (str, os.PathLike)) else load_probe_data(data)
+    encoder = model_encoder(arch)
+    if not isinstance(encoder, ModelTokens):
+        return None, (f"--data given, but the tokenizer of {arch.name} is not on this machine: its lengths are not "
+                      "measured and every sequence is assumed full (pass a local model folder with its tokenizer)")
+    return length_profile(read, encoder, request.seq_len), None
+
+
+def _shape_words(request: Request, arch, lengths: LengthProfile | None = None, lengths_note: str | None = None) -> str:
     """What one training batch is, in words, with the options that change it."""
     denoiser = arch.denoiser
     if denoiser is None:
         defaults = (["--seq-len"] if request.seq_len == 768 else []) + ([] if request.batch_given else ["--batch-size"])
-        return (f"sequence length {request.seq_len} and effective batch {request.batch_size}"
-                + (f" (defaults: change with {' and '.join(defaults)})" if defaults else "")
-                + "; every sequence filled to the full length with labels on every token (the worst batch)")
+        head = (f"sequence length {request.seq_len} and effective batch {request.batch_size}"
+                + (f" (defaults: change with {' and '.join(defaults)})" if defaults else ""))
+        if lengths is None:
+            return (head + "; every sequence filled to the full length with labels on every token (the worst batch)"
+                    + (f"; {lengths_note}" if lengths_note else ""))
+        measured = (f"; your data ({lengths.source}; {lengths.tokenizer}): {lengths.examples:,} examples, median "
+                    f"{lengths.median}, 95th percentile {lengths.p95}, longest {lengths.longest} tokens"
+                    + (f", {lengths.over_seq_len:,} longer than --seq-len (truncated)" if lengths.over_seq_len else ""))
+        longest = min(lengths.longest, request.seq_len)
+        if request.packing:
+            return (head + measured + f"; packed into full rows of {request.seq_len} tokens (no padding): the "
+                    "estimate is that of full rows")
+        return (head + measured + f"; batches padded to their longest example, so the peak is set by a batch "
+                f"holding the longest ({longest} tokens, which the estimate uses); on average "
+                f"{min(lengths.mean, longest) / longest:.0%} of a padded row is real tokens (--packing fills "
+                "rows instead)")
     side = request.resolution // (denoiser.vae_scale * denoiser.patch)
     frames = ""
     tokens = side * side
@@ -572,7 +618,8 @@ def _shape_words(request: Request, arch) -> str:
 
 
 def _assumptions(request: Request, arch, probes: tuple[ProbeResult, ...] = (), gpu_name: str | None = None,
-                 probe_wanted: bool | None = False, workload: WorkloadSpec = CAUSAL_LM) -> tuple[str, ...]:
+                 probe_wanted: bool | None = False, workload: WorkloadSpec = CAUSAL_LM,
+                 lengths: LengthProfile | None = None, lengths_note: str | None = None) -> tuple[str, ...]:
     """What the figures rest on, beyond what the report states from the request itself."""
     weights = GOAL_WEIGHTS[request.goal]
     if gpu_name is not None:
@@ -589,7 +636,7 @@ def _assumptions(request: Request, arch, probes: tuple[ProbeResult, ...] = (), g
                   "meta device")
     items = [
         f"base weights in {arch.dtype}" + ("" if request.quant is Quant.NONE else f", quantized to {request.quant.value} with bitsandbytes"),
-        _shape_words(request, arch),
+        _shape_words(request, arch, lengths, lengths_note),
         "optimizer: torch AdamW (for LoRA-FA, PEFT's LoRA-FA optimizer); learning rates from the benchmark runs",
         f"'fits' keeps {FIT_HEADROOM:.0%} of the VRAM free after the peak reserved memory plus "
         f"{CONTEXT_RESERVE_BYTES / GIB:.1f} GiB for the CUDA context; 'marginal' fits without that margin",

@@ -70,6 +70,9 @@ def request_to_dict(request: Request) -> dict[str, Any]:
         "frames": request.frames,
         # image and video models only (a language model's request has no resolution)
         "cached_inputs": bool(request.cached_inputs) if request.resolution is not None else None,
+        "loss": json_safe(request.loss) if request.loss is not None else None,
+        "trainer": json_safe(request.trainer),
+        "packing": bool(request.packing),
     }
 
 
@@ -219,6 +222,9 @@ def ranked_to_dict(ranked: RankedCandidate, position: int, vram_gib: float) -> d
             "effective_batch": plan.micro_batch * plan.gradient_accumulation,
             "gradient_checkpointing": plan.gradient_checkpointing,
             "dtype": estimate.shape.dtype,
+            "seq_len": estimate.shape.seq_len,
+            "loss": plan.loss,
+            "loss_saving_bytes": plan.loss_saving_bytes,
         },
         "evidence": evidence_to_dict(ranked.evidence),
         "serving": {"route": ranked.serving.route, "reason": ranked.serving.reason, "source": ranked.serving.source,
@@ -254,7 +260,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
     |---|---|---|
     | `schema_version` | int | 1; bumped when a key changes meaning or goes away |
     | `peftpick_version` | str | version of peftpick that wrote it |
-    | `request` | object | what was asked: `model` (as given), `vram_gib` (GPU memory the plan must fit), `vram_source` ("given" or "detected: <GPU>"), `serve`, `multi_adapter`, `quant`, `goal`, `seq_len` (tokens), `batch_size` (effective batch), `resolution` / `frames` (image and video models; null otherwise), `cached_inputs` (text embeddings and latents computed beforehand) |
+    | `request` | object | what was asked: `model` (as given), `vram_gib` (GPU memory the plan must fit), `vram_source` ("given" or "detected: <GPU>"), `serve`, `multi_adapter`, `quant`, `goal`, `seq_len` (tokens), `batch_size` (effective batch), `resolution` / `frames` (image and video models; null otherwise), `cached_inputs` (text embeddings and latents computed beforehand), `loss` (the loss kernel asked for; null: the planner's choice), `trainer`, `packing` |
     | `architecture` | object | figures of the resolved model: `name`, `model_type`, `hidden_size`, `num_layers`, `num_heads`, `num_kv_heads`, `head_dim`, `intermediate_size`, `vocab_size`, `tie_word_embeddings`, `num_experts`, `experts_per_token`, `dtype`, `hub_id`, `local_path`, `source` (where the figures came from), `workload` ("causal-lm" or "denoiser") and `denoiser` (null for language models; else family, diffusers_class, objective, latent_channels, vae_scale, patch, text_dim, text_len, ...) |
     | `gpu` | str \| null | GPU the memory figures were measured on; null when estimated |
     | `assumptions` | [str] | what the figures assume |
@@ -271,7 +277,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
     | `ranked[].total_params` | int | parameters of the adapted model |
     | `ranked[].adapter_bytes` | int | size of the saved adapter (full fine-tuning: the model) |
     | `ranked[].memory` | object | `peak_allocated_bytes`, `peak_reserved_bytes` (the figure that must fit), `peak_allocated_gib`, `peak_reserved_gib`, `breakdown` (bytes allocated at the peak by part: `weights`, `adapter`, `grads`, `optimizer`, `activations`, `logits/loss`, `overhead`), `source` ("estimated" or "measured on <GPU>"), `fit` ("fits" / "marginal" / "does not fit"), `margin_gib` (VRAM minus peak reserved; negative = short), `assumptions` |
-    | `ranked[].plan` | object | `micro_batch`, `gradient_accumulation`, `effective_batch`, `gradient_checkpointing`, `dtype` |
+    | `ranked[].plan` | object | `micro_batch`, `gradient_accumulation`, `effective_batch`, `gradient_checkpointing`, `dtype`, `seq_len` (the longest row the estimate holds), `loss` ("stock" / "liger" / "chunked"), `loss_saving_bytes` (what Liger saved plain LoRA when the planner chose it; else null) |
     | `ranked[].evidence` | object \| null | `benchmark`, `experiment`, `metric`, `score`, `lora_score`, `relative_to_lora` (score / LoRA reference score), `lora_experiment`, `model` (the benchmark's base model), `gpu`, `source_commit`; null without a benchmark run |
     | `ranked[].serving` | object | `route` ("native" / "merge" / "convert" / "cannot" / "not needed"), `reason`, `source`, `launch` (command lines that serve the result), `conversion` ("initial-model" / "rescale" / "svd" / null), `rank_after` (rank of the converted adapter), `versions` (which engine version the facts are for) |
     | `ranked[].probe` | object \| null | micro-training measurement when one was run: `status`, `device`, `peak_allocated_bytes`, `peak_reserved_bytes`, `nvml_used_bytes`, `tokens_per_second`, `step_seconds`, `losses`, `loss_slope`, `loss_slope_stderr`, `wall_seconds`, `error`, `from_cache` |
@@ -289,6 +295,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
     | `goal_weights` | object | the utility's weights for the request's goal: `quality`, `memory`, `speed`, `size` |
     | `uncertainty` | [str] | for each group of top candidates whose quality intervals overlap: which, and what would settle it |
     | `probes` | [object] | every probe run for this recommendation (the `ranked[].probe` keys plus `method`); empty when nothing was probed |
+    | `lengths` | object \| null | token lengths of `--data` with the model's tokenizer: `examples`, `mean`, `median`, `p95`, `longest`, `over_seq_len`, `tokenizer`, `source`; null without data or tokenizer |
     | `best` | str \| null | method key of ranked[0] |
     | `runner_up` | str \| null | method key of ranked[1] |
     | `peft_snippet` | str \| null | Python that sets up the best candidate; null when nothing is ranked |
@@ -310,6 +317,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
         "goal_weights": json_safe(dict(rec.goal_weights)),
         "uncertainty": list(rec.uncertainty),
         "probes": [{"method": probe.method, **(probe_to_dict(probe) or {})} for probe in rec.probes],
+        "lengths": dataclasses.asdict(rec.lengths) if rec.lengths is not None else None,
         "best": best.method if best else None,
         "runner_up": runner_up.method if runner_up else None,
         "peft_snippet": snippet_for(best, rec) if best else None,

@@ -48,3 +48,30 @@ def build_smollm2(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
     return build_smollm2(tmp_path_factory.mktemp("smollm2-135m"))
+
+
+TINY_WORDS = "the a one two three four five six seven eight nine ten plus minus is equals answer question".split()
+
+
+@pytest.fixture(scope="session")
+def word_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights and a word-level tokenizer over TINY_WORDS, built here (nothing
+    downloaded): one token per word, plus the end-of-sequence token."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("word-llama")
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>", *TINY_WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=128, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=3)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+

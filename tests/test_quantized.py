@@ -131,3 +131,19 @@ def test_cli_estimate_quant(tmp_path):
     assert "full fine-tuning cannot train" in bad.output
     unknown = runner.invoke(app, ["estimate", "--model", str(config), "--method", "lora", "--quant", "3bit"])
     assert unknown.exit_code == 2 and "unknown quantization '3bit'" in unknown.output
+
+
+def test_qlora_on_8_gib_points_at_the_loop_that_fits():
+    """Llama-3.1-8B QLoRA on 8 GiB: with PEFT's k-bit preparation (3.9 GiB of float32 embeddings and output
+    head) nothing fits, and the exclusion says which loop would; under TRL's SFTTrainer it fits."""
+    import peftpick
+
+    options = dict(vram_gb=8, serve="vllm", quant="4bit", methods=["lora"], workers=1, probe=False)
+    plain = peftpick.recommend("llama-3.1-8b", **options)
+    assert plain.best is None
+    reason = next(e.reason for e in plain.excluded if e.method == "lora")
+    assert "--trainer trl" in reason and "3.9 GiB of float32" in reason
+    trl = peftpick.recommend("llama-3.1-8b", trainer="trl", **options)
+    assert trl.best is not None and trl.best.plan.fit == "fits"
+    assert "fp32 upcasts" not in trl.best.estimate.breakdown
+    assert trl.best.estimate.breakdown["quantized weights"] > 3 * 2**30

@@ -15,35 +15,21 @@ trl = pytest.importorskip("trl")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 import peftpick  # noqa: E402
 from peftpick.cli import app  # noqa: E402
 from peftpick.errors import PeftpickError  # noqa: E402
 
-WORDS = "the a one two three four five six seven eight nine ten plus minus is equals answer question".split()
+from conftest import TINY_WORDS as WORDS  # noqa: E402
+
 TEXTS = [f"question {a} plus {b} answer {c}" for a, b, c in zip(WORDS[2:12], WORDS[3:13], WORDS[4:14])] * 2
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory) -> Path:
-    """A 2-layer Llama with random weights and a word-level tokenizer built here (nothing downloaded)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    folder = tmp_path_factory.mktemp("tiny-trl-llama")
-    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>")
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=128, pad_token_id=0,
-                         bos_token_id=2, eos_token_id=3)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+def model_folder(word_llama):
+    return word_llama
 
 
 @pytest.fixture(scope="module")
