@@ -70,6 +70,10 @@ def estimate(
     from peftpick.knowledge.architectures import resolve_model
 
     arch = resolve_model(model)
+    if arch.denoiser is None:
+        from peftpick.knowledge.architectures import check_seq_len
+
+        check_seq_len(arch, seq_len if isinstance(seq_len, int) else 0)
     shape = _validated_shape(batch_size, seq_len, gradient_checkpointing, optimizer, dtype or arch.dtype, quant,
                              loss, trainer)
     peft_config = resolve_adapter(adapter, arch, rank=rank, targets=targets)

@@ -205,6 +205,39 @@ def text_config_of(config: Any) -> tuple[Any, str | None]:
     )
 
 
+def context_length(arch: Architecture) -> int | None:
+    """The longest sequence the model's position embeddings (or RoPE settings) take, from its config."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = arch.config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(arch: Architecture, seq_len: int) -> None:
+    limit = context_length(arch)
+    if limit is not None and seq_len > limit:
+        raise PeftpickError(f"--seq-len {seq_len} is beyond the context length of {arch.name} ({limit:,} tokens, "
+                            "max_position_embeddings in its config)", f"pass --seq-len {limit} or less")
+
+
+def _refuse_non_causal(config: Any, name: str) -> None:
+    """Encoder-only (BERT-like) models: transformers lists some of them as causal LMs too (BertLMHeadModel), but
+    their checkpoints are encoders with no causal-LM training step to plan. (Encoder-decoder and other
+    non-decoder types fail in text_config_of.)"""
+    model_type = getattr(config, "model_type", "")
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_decoder", False) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False):
+        raise PeftpickError(f"{name} is an encoder-only model ({model_type}): peftpick plans causal language models "
+                            "(decoder-only, trained on next-token prediction) and diffusion denoisers",
+                            "pass a decoder-only model such as Llama, Qwen, Mistral, Gemma or SmolLM "
+                            "(`peftpick models` lists them)")
+
+
 def architecture_from_config(
     config: Any,
     name: str,
@@ -218,6 +251,7 @@ def architecture_from_config(
     to the head count. For mixture-of-experts models `intermediate_size` is one expert's FFN width
     (`moe_intermediate_size` where the family has it) and `num_experts` / `experts_per_token` are filled in.
     """
+    _refuse_non_causal(config, name)
     text_config, text_note = text_config_of(config)
     if text_note:
         source = f"{source}; {text_note}"
@@ -319,9 +353,10 @@ def _read_local_config(config_file: Path) -> Architecture:
         )
     try:
         config = config_class.from_dict(raw)
-    except (TypeError, ValueError, KeyError) as error:
+    except Exception as error:  # noqa: BLE001 - transformers' strict field checks raise their own error types
+        message = " ".join(str(error).split())
         raise PeftpickError(
-            f"transformers cannot read {where}: {error}", "use the model's original config.json"
+            f"transformers cannot read {where}: {message[:300]}", "use the model's original config.json"
         ) from None
     folder = config_file.parent
     return architecture_from_config(

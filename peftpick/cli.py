@@ -218,9 +218,10 @@ def recommend_command(
             from peftpick.report.files import report_format
 
             report_format(report)  # a wrong suffix fails now, not after the long part
-        if emit is not None and not emit.parent.is_dir():
-            raise PeftpickError(f"--emit {emit}: folder {emit.parent} does not exist",
-                                "create it first, or pass a path in an existing folder")
+        for option, path in (("--report", report), ("--emit", emit)):
+            if path is not None and not path.parent.is_dir():
+                raise PeftpickError(f"{option} {path}: folder {path.parent} does not exist",
+                                    "create it first, or pass a path in an existing folder")
         recommend = _library_recommend()
         extra: dict[str, Any] = {}
         if methods:

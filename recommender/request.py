@@ -151,6 +151,9 @@ def validate_for_model(request: Request, arch) -> Request:
             if value is not None:
                 raise PeftpickError(f"{option} is for image and video models, and {arch.name} is a language model",
                                     "drop it (use --seq-len for the training sequence length)")
+        from peftpick.knowledge.architectures import check_seq_len
+
+        check_seq_len(arch, request.seq_len)
         if request.loss is LossKernel.LIGER:
             from peftpick.estimator.losses import liger_model_types
 

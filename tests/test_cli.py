@@ -320,3 +320,37 @@ def test_kb_update_on_a_missing_folder_is_one_line(runner: CliRunner, tmp_path: 
     result = runner.invoke(app, ["kb", "update", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "data")])
     assert result.exit_code == 2
     assert "nowhere" in _one_error_line(result)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+      "intermediate_size": 128, "vocab_size": 100, "architectures": ["BertModel"]}, "is an encoder-only model (bert)"),
+    ({"model_type": "t5", "d_model": 64, "num_layers": 2, "num_heads": 2, "d_ff": 128, "vocab_size": 100},
+     "model type 't5' is not a causal language model"),
+    ({"model_type": "llama", "hidden_size": 1e12, "num_hidden_layers": 2, "num_attention_heads": 2,
+      "intermediate_size": 128, "vocab_size": 100}, "transformers cannot read"),
+], ids=["bert", "t5", "huge-number"])
+def test_configs_peftpick_cannot_plan_get_one_line(runner: CliRunner, tmp_path, config, expected):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    for args in (["--model", str(path), "--vram", "8"], ["estimate", "--model", str(path), "--method", "lora"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert expected in result.output and "Traceback" not in result.output
+
+
+def test_output_folders_are_checked_before_the_work(runner: CliRunner, monkeypatch):
+    calls = []
+    monkeypatch.setattr("peftpick.recommend", lambda *a, **k: calls.append(1))
+    for option in ("--report", "--emit"):
+        result = runner.invoke(app, ["--model", "smollm2-135m", "--vram", "8", option, "/no/such/dir/x.html"])
+        assert result.exit_code == 2 and "folder /no/such/dir does not exist" in result.output
+    assert calls == []  # nothing was computed
+
+
+def test_seq_len_beyond_the_context_length_is_refused(runner: CliRunner):
+    for args in (["--model", "smollm2-135m", "--vram", "8", "--seq-len", "100000"],
+                 ["estimate", "--model", "smollm2-135m", "--method", "lora", "--seq-len", "100000"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "--seq-len 100000 is beyond the context length of smollm2-135m (8,192 tokens" in result.output
