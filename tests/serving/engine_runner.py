@@ -1,9 +1,12 @@
 """Runs vLLM on the CPU for the `serving` tests: one engine per model folder, adapters tried one by one.
 
-    python engine_runner.py SPEC.json OUT.json
+    python engine_runner.py        (JSON lines in on stdin, JSON lines out on stdout)
 
-SPEC: {"prompt_ids": [...], "max_lora_rank": 64,
-       "models": [{"model": DIR, "adapters": [{"name", "path"}], "base_after": bool}]}.
+First line out: {"vllm_version": ...}. Then per line in, {"model": DIR, "adapters": [{"name", "path"}],
+"base_after": bool, "prompt_ids": [...], "max_lora_rank": 64}, one line out with that model's results. The test
+sends models one at a time, so it can delete a merged model once it is scored (the serving tests would otherwise
+hold a dozen 270 MB models on disk at once). Anything vLLM prints goes to stderr, so stdout carries only results.
+
 For each model: start the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so that an adapter vLLM
 refuses raises here and leaves the engine running), score the prompt without an adapter, then for each adapter
 call `add_lora` (vLLM's own loading: PEFTHelper validation, then the tensors against the model's modules) and, when
@@ -31,7 +34,7 @@ def score(llm, prompt_ids, lora_request=None):
     return {"prompt_logprobs": logprobs, "generated": list(out.outputs[0].token_ids)}
 
 
-def run_model(entry, spec):
+def run_model(entry):
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
@@ -42,10 +45,11 @@ def run_model(entry, spec):
     kwargs = dict(model=entry["model"], max_model_len=256, dtype="bfloat16", enforce_eager=True, seed=0,
                   gpu_memory_utilization=float(os.environ.get("PEFTPICK_VLLM_MEMORY", "0.2")))
     if adapters:
-        kwargs.update(enable_lora=True, max_lora_rank=spec["max_lora_rank"], max_loras=1,
+        kwargs.update(enable_lora=True, max_lora_rank=entry["max_lora_rank"], max_loras=1,
                       max_cpu_loras=len(adapters) + 1)
     llm = LLM(**kwargs)
-    result = {"start_s": round(time.time() - started, 1), "base": score(llm, spec["prompt_ids"]), "adapters": {}}
+    prompt_ids = entry["prompt_ids"]
+    result = {"start_s": round(time.time() - started, 1), "base": score(llm, prompt_ids), "adapters": {}}
     for number, adapter in enumerate(adapters, start=1):
         request = LoRARequest(adapter["name"], number, adapter["path"])
         try:
@@ -53,26 +57,27 @@ def run_model(entry, spec):
         except Exception as error:  # vLLM's refusal, in its own words
             result["adapters"][adapter["name"]] = {"accepted": False, "message": " ".join(str(error).split())}
             continue
-        result["adapters"][adapter["name"]] = {"accepted": True, **score(llm, spec["prompt_ids"], request)}
+        result["adapters"][adapter["name"]] = {"accepted": True, **score(llm, prompt_ids, request)}
     if entry.get("base_after"):  # the base model again, after the last adapter
-        result["base_after"] = score(llm, spec["prompt_ids"])
+        result["base_after"] = score(llm, prompt_ids)
     del llm
     gc.collect()
     return result
 
 
-def main(spec_path, out_path):
+def main():
+    results = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever vLLM or torch prints goes to stderr
+    sys.stdout = sys.stderr
     import vllm
 
-    spec = json.loads(open(spec_path).read())
-    results = {"vllm_version": vllm.__version__, "models": []}
-    for entry in spec["models"]:
-        results["models"].append(run_model(entry, spec))
-        with open(out_path, "w") as handle:  # what finished survives a later crash
-            json.dump(results, handle)
-    with open(out_path, "w") as handle:
-        json.dump(results, handle)
+    results.write(json.dumps({"vllm_version": vllm.__version__}) + "\n")
+    results.flush()
+    for line in sys.stdin:
+        if line.strip():
+            results.write(json.dumps(run_model(json.loads(line))) + "\n")
+            results.flush()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main()

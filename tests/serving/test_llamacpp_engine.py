@@ -53,6 +53,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -169,8 +170,9 @@ def work(smollm2: Path, tmp_path_factory) -> dict:
         if key == "rslora":  # as a plain --lora would load it
             runs.append({"name": "rslora@1", "scale": 1.0, "loras": [[gguf, 1.0]], "prefixes": prefixes})
     served = _child("serve", {"model": str(base_gguf), "top": TOP, "threads": THREADS, "runs": runs}, root)
-    return {"root": root, "folders": folders, "fixes": fixes, "checks": checks, "converted": converted,
-            "served": served, "references": references, "runs": {run["name"]: run for run in runs}}
+    yield {"root": root, "folders": folders, "fixes": fixes, "checks": checks, "converted": converted,
+           "served": served, "references": references, "runs": {run["name"]: run for run in runs}}
+    shutil.rmtree(root, ignore_errors=True)  # 1.4 GB of adapters, merged models and GGUF files
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -243,7 +245,7 @@ def _fixes(base: Path, root: Path, folders: dict) -> dict:
                 conversion = convert_adapter(folders[trained], out, base=str(base) if trained == "pissa" else None)
                 assert conversion.exact, (key, conversion.route)
             else:
-                merge_adapter(folders[trained], str(base), out)
+                merge_adapter(folders[trained], str(base), out, dtype="bfloat16")  # half the disk of float32
         except Exception as error:  # noqa: BLE001 - reported by the test that needs this fix
             fixes[key] = error
             continue

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import select
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +43,8 @@ SERVE = "vllm"
 
 @pytest.fixture(scope="module")
 def work(smollm2: Path, tmp_path_factory) -> dict:
-    """Recommendation, adapters, converted / merged results and one engine run over all of them."""
+    """Recommendation, adapters, converted / merged results and their engine runs. A merged or fully fine-tuned
+    model is written, scored by PEFT and vLLM, then deleted: one 270 MB model on disk at a time."""
     import peftpick
     from peftpick.methods import build_candidate
 
@@ -58,14 +61,11 @@ def work(smollm2: Path, tmp_path_factory) -> dict:
     prompt_ids = _tokenize(smollm2, PROMPT)
     for method, case in cases.items():
         _build(smollm2, method, case, root)
-    for method, case in cases.items():
-        _finish_route(smollm2, method, case, root)
-    for case in cases.values():
+        if case["route"] == "convert":
+            _convert(smollm2, case, root / method)
         for key in ("raw", "served_adapter", "cli_converted"):
             if case.get(key) is not None:
                 case[f"peft_{key}"] = _peft_logprobs(smollm2, case[key], prompt_ids)
-        if case.get("served_model") is not None:
-            case["peft_served_model"] = _model_logprobs(case["served_model"], prompt_ids)
     base_logprobs = _model_logprobs(smollm2, prompt_ids)
     # LoRA on lm_head last: the base is scored again after it (vLLM's lm_head note)
     from peft import LoraConfig
@@ -74,8 +74,24 @@ def work(smollm2: Path, tmp_path_factory) -> dict:
     lm_head = _save_perturbed(smollm2, LoraConfig(r=16, lora_alpha=32, target_modules=["lm_head"]), root / "lm-head",
                               0.04)
     cases["lm-head"].update(raw=lm_head, peft_raw=_peft_logprobs(smollm2, lm_head, prompt_ids))
-    results = _run_engines(smollm2, cases, prompt_ids, root)
-    return {"rec": rec, "cases": cases, "engine": results, "base": base_logprobs, "root": root}
+    adapters = [{"name": f"{method}:{key}", "path": str(case[key])} for method, case in cases.items()
+                for key in ("raw", "served_adapter", "cli_converted") if case.get(key) is not None]
+    engine = {"models": {}}
+    with _Engine(root / "engine.log") as vllm:
+        engine["version"] = vllm.version
+        engine["base"] = vllm.run({"model": str(smollm2), "adapters": adapters, "base_after": True,
+                                   "prompt_ids": prompt_ids, "max_lora_rank": MAX_LORA_RANK})
+        for method, case in cases.items():
+            if case["route"] == "merge":
+                _merge(smollm2, case, root / method)
+            model = case.pop("served_model", None)
+            if model is None:
+                continue
+            case["peft_served_model"] = _model_logprobs(model, prompt_ids)
+            engine["models"][method] = vllm.run({"model": str(model), "prompt_ids": prompt_ids})
+            shutil.rmtree(model)
+    yield {"rec": rec, "cases": cases, "engine": engine, "base": base_logprobs, "root": root}
+    shutil.rmtree(root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -119,7 +135,7 @@ def _build(base: Path, method: str, case: dict, root: Path) -> None:
         for name, parameter in model.named_parameters():
             parameter.requires_grad = ".layers.0." in name
         _perturb(model, 1, _SCALES["full"])
-        model.save_pretrained(folder / "model")
+        model.to(torch.bfloat16).save_pretrained(folder / "model")  # as served; half the disk
         (folder / "model").joinpath("tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
         case["served_model"] = folder / "model"
         return
@@ -152,19 +168,19 @@ def _save_perturbed(base: Path, config, folder: Path, scale: float) -> Path:
     return folder
 
 
-def _finish_route(base: Path, method: str, case: dict, root: Path) -> None:
-    """`peftpick convert` / `peftpick merge` as the CLI runs them, with what they print."""
-    folder = root / method
-    if case["route"] == "convert":
-        done = _peftpick("convert", str(case["raw"]), "--to", "lora", "--base", str(base), "-o", str(folder / "cli"))
-        assert done.exit_code == 0, done.output
-        case["cli_converted"] = folder / "cli"
-        case["convert_output"] = done.stdout
-    elif case["route"] == "merge":
-        done = _peftpick("merge", str(case["raw"]), "--base", str(base), "--dtype", "bfloat16", "-o",
-                         str(folder / "merged"))
-        assert done.exit_code == 0, done.output
-        case["served_model"] = folder / "merged"
+def _convert(base: Path, case: dict, folder: Path) -> None:
+    """`peftpick convert` as the CLI runs it, with what it prints."""
+    done = _peftpick("convert", str(case["raw"]), "--to", "lora", "--base", str(base), "-o", str(folder / "cli"))
+    assert done.exit_code == 0, done.output
+    case["cli_converted"] = folder / "cli"
+    case["convert_output"] = done.stdout
+
+
+def _merge(base: Path, case: dict, folder: Path) -> None:
+    """`peftpick merge` as the CLI runs it."""
+    done = _peftpick("merge", str(case["raw"]), "--base", str(base), "--dtype", "bfloat16", "-o", str(folder / "merged"))
+    assert done.exit_code == 0, done.output
+    case["served_model"] = folder / "merged"
 
 
 def _peftpick(*args: str):
@@ -201,24 +217,41 @@ def _logprobs(model, prompt_ids: list[int]) -> list[float]:
     return [float(table[i, token]) for i, token in enumerate(prompt_ids[1:])]
 
 
-def _run_engines(base: Path, cases: dict, prompt_ids: list[int], root: Path) -> dict:
-    adapters = []
-    for method, case in cases.items():
-        for key in ("raw", "served_adapter", "cli_converted"):
-            if case.get(key) is not None:
-                adapters.append({"name": f"{method}:{key}", "path": str(case[key])})
-    models = [{"model": str(base), "adapters": adapters, "base_after": True}]
-    models += [{"model": str(case["served_model"]), "name": method} for method, case in cases.items()
-               if case.get("served_model") is not None]
-    spec = {"prompt_ids": prompt_ids, "max_lora_rank": MAX_LORA_RANK, "models": models}
-    spec_file, out_file = root / "spec.json", root / "engine.json"
-    spec_file.write_text(json.dumps(spec))
-    done = subprocess.run([sys.executable, str(RUNNER), str(spec_file), str(out_file)], capture_output=True, text=True,
-                          timeout=1800)
-    assert done.returncode == 0 and out_file.is_file(), done.stderr[-3000:]
-    results = json.loads(out_file.read_text())
-    by_model = {entry.get("name", "base"): result for entry, result in zip(models, results["models"])}
-    return {"version": results["vllm_version"], "base": by_model.pop("base"), "models": by_model}
+class _Engine:
+    """engine_runner.py in a child process, fed one model at a time (JSON lines); its log goes to `log`."""
+
+    def __init__(self, log: Path):
+        self._log_path = log
+
+    def __enter__(self) -> _Engine:
+        self._log = open(self._log_path, "w")
+        self._child = subprocess.Popen([sys.executable, str(RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=self._log, text=True)
+        self.version = self._read()["vllm_version"]
+        return self
+
+    def run(self, entry: dict) -> dict:
+        self._child.stdin.write(json.dumps(entry) + "\n")
+        self._child.stdin.flush()
+        return self._read()
+
+    def _read(self, timeout_s: float = 900) -> dict:
+        ready, _, _ = select.select([self._child.stdout], [], [], timeout_s)
+        line = self._child.stdout.readline() if ready else ""
+        if not line:
+            self._child.kill()
+            self._log.flush()
+            pytest.fail(f"the vLLM runner gave no result ({'timed out' if not ready else 'it exited'}): "
+                        f"{self._log_path.read_text()[-3000:]}")
+        return json.loads(line)
+
+    def __exit__(self, *exc) -> None:
+        self._child.stdin.close()
+        try:
+            self._child.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+        self._log.close()
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -250,7 +283,7 @@ def test_native_verdicts_load_as_they_are_and_serve_the_adapter(work: dict):
     for method, case in work["cases"].items():
         if case["route"] != "native" or case["candidate"] is None:
             continue
-        if case.get("served_model") is not None:  # full fine-tuning: a whole model
+        if case.get("peft_served_model") is not None:  # full fine-tuning: a whole model
             served = work["engine"]["models"][method]["base"]["prompt_logprobs"]
             _assert_serves_peft(served, case["peft_served_model"], work["base"], method)
             continue
