@@ -12,10 +12,11 @@ from typing import Any
 from peftpick.errors import PeftpickError
 from peftpick.types import RankedCandidate, Recommendation
 
-# peftpick's optimizer names -> transformers' OptimizerNames (training_args.py); LoRA-FA has no name there (the
-# script builds it with PEFT's create_lorafa_optimizer)
+# peftpick's optimizer names -> transformers' OptimizerNames (training_args.py). LoRA-FA has no name there: the
+# trainer gets PEFT's create_lorafa_optimizer through `optimizers=` (trainer_optimizers below), and `optim` is left out.
 TRAINER_OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit",
-                      "adafactor": "adafactor", "sgd": "sgd", "lora-fa": "adamw_torch"}
+                      "adafactor": "adafactor", "sgd": "sgd"}
+LORA_FA = "lora-fa"
 
 
 def plan_arguments(ranked: RankedCandidate, for_trl: bool = False) -> dict[str, Any]:
@@ -26,10 +27,11 @@ def plan_arguments(ranked: RankedCandidate, for_trl: bool = False) -> dict[str, 
         "gradient_accumulation_steps": plan.gradient_accumulation,
         "gradient_checkpointing": plan.gradient_checkpointing,
         "learning_rate": candidate.learning_rate,
-        "optim": TRAINER_OPTIMIZERS.get(candidate.optimizer, "adamw_torch"),
         "bf16": shape.dtype == "bfloat16",
         "fp16": shape.dtype == "float16",
     }
+    if candidate.optimizer != LORA_FA:
+        arguments["optim"] = TRAINER_OPTIMIZERS.get(candidate.optimizer, "adamw_torch")
     if plan.gradient_checkpointing:
         arguments["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if for_trl:
@@ -40,7 +42,9 @@ def plan_arguments(ranked: RankedCandidate, for_trl: bool = False) -> dict[str, 
 
 
 def training_arguments(ranked: RankedCandidate, output_dir: str, **overrides: Any):
-    """A transformers.TrainingArguments with the plan's settings (`overrides` win)."""
+    """A transformers.TrainingArguments with the plan's settings (`overrides` win). For LoRA-FA, pass
+    `optimizers=trainer_optimizers(ranked, peft_model)` to the Trainer too: its optimizer is not a TrainingArguments
+    name, and without it the Trainer trains LoRA-FA's frozen A matrices with plain AdamW."""
     from transformers import TrainingArguments
 
     return TrainingArguments(output_dir=output_dir, **{**plan_arguments(ranked), **overrides})
@@ -48,12 +52,28 @@ def training_arguments(ranked: RankedCandidate, output_dir: str, **overrides: An
 
 def sft_config(ranked: RankedCandidate, output_dir: str, **overrides: Any):
     """A trl.SFTConfig with the plan's settings (`overrides` win). TRL computes the loss with its own chunked
-    LM head, so a plan made with Liger's loss is not passed on (TRL refuses Liger's fused cross-entropy)."""
+    LM head, so a plan made with Liger's loss is not passed on (TRL refuses Liger's fused cross-entropy). For LoRA-FA,
+    give SFTTrainer the PEFT model and `optimizers=trainer_optimizers(ranked, peft_model)`, as training_arguments says."""
     try:
         from trl import SFTConfig
     except ImportError:
         raise PeftpickError("sft_config() needs TRL", "pip install 'peftpick[train]' (or pip install trl)") from None
     return SFTConfig(output_dir=output_dir, **{**plan_arguments(ranked, for_trl=True), **overrides})
+
+
+def trainer_optimizers(ranked: RankedCandidate, model) -> tuple[Any, None]:
+    """The Trainer's `optimizers=` pair for this plan on `model` (the PeftModel): LoRA-FA's optimizer, built by
+    PEFT's create_lorafa_optimizer with the candidate's rank, alpha and learning rate; (None, None) otherwise (the
+    Trainer builds the optimizer TrainingArguments names)."""
+    candidate = ranked.candidate
+    if candidate.optimizer != LORA_FA:
+        return None, None
+    from peft.optimizers import create_lorafa_optimizer
+
+    kwargs = candidate.peft_kwargs
+    optimizer = create_lorafa_optimizer(model=model, r=kwargs.get("r", 8), lora_alpha=kwargs.get("lora_alpha", 8),
+                                        lr=candidate.learning_rate, use_rslora=bool(kwargs.get("use_rslora")))
+    return optimizer, None
 
 
 def training_script(rec: Recommendation, ranked: RankedCandidate | None = None) -> str:
@@ -68,6 +88,7 @@ def training_script(rec: Recommendation, ranked: RankedCandidate | None = None) 
                             "pass --methods with an adapter method (e.g. lora) to emit a script")
     config = ranked.peft_config()
     config_repr = _config_call(config)
+    lora_fa = ranked.candidate.optimizer == LORA_FA
     arguments = plan_arguments(ranked, for_trl=True)
     quant = rec.request.quant.value
     # a bundled name is not something from_pretrained can load: its hub id is
@@ -88,7 +109,8 @@ def training_script(rec: Recommendation, ranked: RankedCandidate | None = None) 
         "",
         "import torch",
         "from datasets import load_dataset",
-        "from peft import " + type(config).__name__,
+        "from peft import " + ", ".join([type(config).__name__] + (["get_peft_model"] if lora_fa else [])),
+        *(["from peft.optimizers import create_lorafa_optimizer"] if lora_fa else []),
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "from trl import SFTConfig, SFTTrainer",
         "",
@@ -130,13 +152,35 @@ def training_script(rec: Recommendation, ranked: RankedCandidate | None = None) 
         "    save_strategy=\"no\",",
         "    report_to=\"none\",",
         ")",
-        "trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,",
-        "                     peft_config=peft_config)",
+        *(_lora_fa_lines(ranked, quant) if lora_fa else [
+            "trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,",
+            "                     peft_config=peft_config)"]),
         "trainer.train()",
         "trainer.save_model(args.output_dir)  # the adapter (adapter_config.json + adapter_model.safetensors)",
         "",
     ]
     return "\n".join(lines)
+
+
+def _lora_fa_lines(ranked: RankedCandidate, quant: str) -> list[str]:
+    """LoRA-FA in the script: the PEFT model is made here, so that its optimizer can be built on it and handed to
+    the trainer (TRL's peft_config path would build a plain AdamW over the frozen A matrices too)."""
+    kwargs = ranked.candidate.peft_kwargs
+    rslora = ", use_rslora=True" if kwargs.get("use_rslora") else ""
+    lines = []
+    if quant != "none":
+        lines += ["if not args.cpu:  # what SFTTrainer does for a quantized base when it makes the PEFT model",
+                  "    from peft import prepare_model_for_kbit_training",
+                  "",
+                  "    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing="
+                  "training_args.gradient_checkpointing)"]
+    return lines + [
+        "model = get_peft_model(model, peft_config)",
+        f"optimizer = create_lorafa_optimizer(model=model, r={kwargs.get('r', 8)!r}, lora_alpha="
+        f"{kwargs.get('lora_alpha', 8)!r}, lr=training_args.learning_rate{rslora})",
+        "trainer = SFTTrainer(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,",
+        "                     optimizers=(optimizer, None))",
+    ]
 
 
 _LOOP_WORDS = {"plain": "a plain training loop", "hf": "transformers' Trainer", "trl": "TRL's SFTTrainer"}

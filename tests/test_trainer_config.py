@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: 
 from typer.testing import CliRunner  # noqa: E402
 
 import peftpick  # noqa: E402
+import peftpick.report.trainer_config  # noqa: E402
 from peftpick.cli import app  # noqa: E402
 from peftpick.errors import PeftpickError  # noqa: E402
 
@@ -40,6 +41,7 @@ def rec(model_folder):
 
 def test_training_arguments_carry_the_plan(rec, tmp_path):
     plan, candidate = rec.best.plan, rec.best.candidate
+    assert rec.best.trainer_optimizers(None) == (None, None)  # the Trainer builds the optimizer `optim` names
     args = rec.best.training_arguments(str(tmp_path), use_cpu=True, bf16=False)
     assert type(args).__name__ == "TrainingArguments"
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.gradient_checkpointing) == (
@@ -93,3 +95,51 @@ def test_recommend_takes_a_loaded_model(model_folder):
     if not torch.cuda.is_available():  # a model on the CPU: the VRAM must be given, said in one line
         with pytest.raises(PeftpickError, match="no GPU found"):
             peftpick.recommend(model, serve="none", methods=["lora"], workers=1, probe=False)
+
+
+@pytest.fixture(scope="module")
+def lora_fa_rec(model_folder):
+    return peftpick.recommend(str(model_folder), vram_gb=8, serve="none", methods=["lora-fa"], seq_len=32,
+                              batch_size=4, workers=1, probe=False)
+
+
+def test_lora_fa_trains_with_its_own_optimizer_in_the_trainer(lora_fa_rec, model_folder, tmp_path):
+    """LoRA-FA's optimizer is not a TrainingArguments name: the config leaves `optim` alone and the trainer gets
+    PEFT's create_lorafa_optimizer, which keeps A frozen (plain AdamW would train it)."""
+    best = lora_fa_rec.best
+    assert best.candidate.method == "lora-fa" and "optim" not in peftpick.report.trainer_config.plan_arguments(best)
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32), best.peft_config())
+    optimizers = best.trainer_optimizers(model)
+    assert type(optimizers[0]).__name__ == "LoraFAOptimizer" and optimizers[1] is None
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" in name}
+    config = best.sft_config(str(tmp_path), use_cpu=True, bf16=False, max_steps=2, report_to="none",
+                             save_strategy="no", logging_steps=1)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": TEXTS}),
+                             processing_class=PreTrainedTokenizerFast.from_pretrained(model_folder),
+                             optimizers=optimizers)
+    assert trainer.train().global_step == 2
+    after = dict(model.named_parameters())
+    moved = {name: not torch.equal(before[name], after[name].detach()) for name in before}
+    assert not any(moved[name] for name in moved if "lora_A" in name)
+    assert all(moved[name] for name in moved if "lora_B" in name)
+
+
+
+def test_emitted_lora_fa_script_builds_its_optimizer(model_folder, tmp_path):
+    script = tmp_path / "train.py"
+    result = CliRunner().invoke(app, ["--model", str(model_folder), "--vram", "8", "--serve", "none",
+                                      "--methods", "lora-fa", "--seq-len", "32", "--batch-size", "4", "--no-probe",
+                                      "--emit", str(script)])
+    assert result.exit_code == 0, result.output
+    text = script.read_text()
+    assert "create_lorafa_optimizer(model=model" in text and "optimizers=(optimizer, None)" in text
+    assert "peft_config=peft_config)" not in text and "optim=" not in text
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    run = subprocess.run([sys.executable, str(script), "--data", str(data), "--cpu", "--max-steps", "2",
+                          "--output-dir", str(tmp_path / "adapter")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
