@@ -1,7 +1,8 @@
 """Reports of a Recommendation: machine-readable data, terminal text, Markdown, HTML, and a PEFT snippet.
 
 - `to_dict(rec)`: JSON-ready dict with stable keys (schema_version 1; the key table is in `to_dict.__doc__`).
-- `render(rec, fmt)`: "text" (plain), "markdown" or "html" (self-contained, with a Pareto plot).
+- `render(rec, fmt)`: "text" (plain), "markdown" or "html" (self-contained, with inline SVG pictures:
+  quality intervals and memory bars, `report/pictures.py`).
 - `print_report(rec, console)`: the same report on a rich console.
 - `write_report(rec, path)`: .md / .html file by suffix, written atomically.
 - `peft_snippet(ranked)`: copy-paste Python for a ranked candidate.

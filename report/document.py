@@ -71,7 +71,7 @@ class Bullets:
 
 @dataclass(frozen=True)
 class ParetoPlot:
-    """Placeholder for the Pareto plot; only the HTML renderer draws it."""
+    """Placeholder for the report's pictures (quality intervals, memory bars); only the HTML renderer draws them."""
 
     caption: str
 
@@ -259,6 +259,7 @@ def build_document(rec: Recommendation) -> list[Block]:
     ]
     if rec.ranked:
         blocks += [
+            ParetoPlot("How sure the quality order is, and where the memory goes, one row per ranked candidate."),
             ranked_table(rec),
             Paragraph(
                 "Peak VRAM is peak reserved memory (held by PyTorch's caching allocator: the figure that must fit); "
@@ -267,7 +268,6 @@ def build_document(rec: Recommendation) -> list[Block]:
             ),
             Paragraph(ranking_note(rec), "note"),
             *(Paragraph("Uncertainty: " + note, "note") for note in rec.uncertainty),
-            ParetoPlot("Expected quality against peak reserved memory, one point per ranked candidate."),
             Heading("Memory breakdown at the peak", 3),
             breakdown_table(rec.ranked),
         ]

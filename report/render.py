@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 from typing import TYPE_CHECKING, Literal
@@ -70,7 +69,7 @@ def print_report(rec: Recommendation, console: Console) -> None:
             for item in block.items:
                 console.print(Text(f"- {item}"))
         elif isinstance(block, ParetoPlot):
-            continue  # a picture: only the HTML report has it
+            continue  # pictures: only the HTML report has them
 
 
 def _fit_to_width(table: Table, width: int) -> list[Table]:
@@ -173,7 +172,7 @@ def to_markdown(rec: Recommendation) -> str:
         elif isinstance(block, Bullets):
             lines += [*(f"- {_md_text(item)}" for item in block.items), ""]
         elif isinstance(block, ParetoPlot):
-            continue  # Markdown stays text; the HTML report carries the plot
+            continue  # Markdown stays text (the breakdown table); the HTML report carries the pictures
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -192,17 +191,20 @@ p.note { color: #57606a; font-size: .88rem; }
 table { border-collapse: collapse; font-size: .86rem; margin: .6rem 0; }
 th, td { border: 1px solid #d0d7de; padding: .3rem .55rem; vertical-align: top; text-align: left; }
 th { background: #f6f8fa; }
+div.table { overflow-x: auto; } td.wide { min-width: 16rem; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.good { color: #116329; } td.warn { color: #9a6700; } td.bad { color: #b42318; font-weight: 600; }
 pre { background: #f6f8fa; border: 1px solid #d0d7de; padding: .8rem 1rem; overflow-x: auto; font-size: .84rem; }
-figure { margin: 1rem 0; } figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
+figure { margin: 1.2rem 0; } figure svg { display: block; max-width: 100%; height: auto; }
+figure.picture { border: 1px solid #d0d7de; padding: .8rem 1rem .5rem; max-width: 1000px; }
 figcaption { color: #57606a; font-size: .85rem; }
 """
 
 
 def _html_table(table: Table) -> str:
     def classes(index: int, tone: str = "") -> str:
-        names = " ".join(n for n in ("num" if index in table.right_aligned else "", tone) if n)
+        kind = "num" if index in table.right_aligned else "wide" if index in table.wide else ""
+        names = " ".join(n for n in (kind, tone) if n)
         return f' class="{names}"' if names else ""
 
     head = "".join(f"<th{classes(i)}>{html.escape(h)}</th>" for i, h in enumerate(table.headers))
@@ -211,23 +213,31 @@ def _html_table(table: Table) -> str:
         + "</tr>"
         for row in table.rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # wider than the page: it scrolls sideways in its own box, so sentence columns keep a readable width
+    return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def _html_plot(rec: Recommendation, caption: str) -> str:
-    from peftpick.report.plot import pareto_png
+def _html_pictures(rec: Recommendation) -> str:
+    """The quality intervals and the memory bars as inline SVG figures (report/pictures.py); where no candidate
+    has a quality figure, a sentence saying so instead of the intervals."""
+    from peftpick.report.pictures import memory_caption, memory_svg, quality_caption, quality_svg
 
-    png = pareto_png(rec)
-    if png is None:
-        return ""
-    encoded = base64.b64encode(png).decode("ascii")
-    alt = f"Pareto plot of {len(rec.ranked)} candidates: expected quality against peak memory in GiB"
-    return (f'<figure><img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts = []
+    quality = quality_svg(rec)
+    if quality is None:
+        parts.append(f'<p class="note">{html.escape(quality_caption(rec))}</p>')
+    else:
+        parts.append(f'<figure class="picture">{quality}<figcaption>{html.escape(quality_caption(rec))}'
+                     "</figcaption></figure>")
+    memory = memory_svg(rec)
+    if memory is not None:
+        parts.append(f'<figure class="picture">{memory}<figcaption>{html.escape(memory_caption(rec))}'
+                     "</figcaption></figure>")
+    return "\n".join(parts)
 
 
 def to_html(rec: Recommendation) -> str:
-    """A self-contained page: inline CSS, the plot as a base64 PNG, no external assets or scripts."""
+    """A self-contained page: inline CSS, the pictures as inline SVG, no external assets or scripts."""
     parts: list[str] = []
     title = ""
     for block in build_document(rec):
@@ -244,7 +254,7 @@ def to_html(rec: Recommendation) -> str:
         elif isinstance(block, Bullets):
             parts.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in block.items) + "</ul>")
         elif isinstance(block, ParetoPlot):
-            parts.append(_html_plot(rec, block.caption))
+            parts.append(_html_pictures(rec))
     body = "\n".join(parts)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"

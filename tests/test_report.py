@@ -6,7 +6,6 @@ or the estimator; test_cli.py reuses the same sample.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
@@ -17,7 +16,6 @@ import pytest
 
 from peftpick.errors import PeftpickError
 from peftpick.report import SCHEMA_VERSION, peft_snippet, render, to_dict, write_report
-from peftpick.report.plot import pareto_png, plot_points
 from peftpick.report.snippet import ADAPTER_SECTION, MODEL_SECTION
 from peftpick.types import (
     GIB,
@@ -311,16 +309,16 @@ def test_narrow_terminal_keeps_every_cell(rec: Recommendation):
         assert set(cell.split()) <= words, cell
 
 
-def test_html_is_self_contained_with_a_pareto_plot(rec: Recommendation):
+def test_html_is_self_contained_with_its_pictures(rec: Recommendation):
     page = render(rec, "html")
     assert page.startswith("<!DOCTYPE html>")
     assert "<style>" in page
     assert "<script" not in page and "<link" not in page
     assert not re.search(r'(?:src|href)="(?!data:)', page)  # no external assets
-    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 1
-    assert base64.b64decode(images[0]).startswith(b"\x89PNG\r\n\x1a\n")
-    positions = _positions(page, VERDICT, "<table>", "data:image/png", "<h2>Excluded</h2>",
+    # the memory bars; no quality intervals, the sample has no quality figures (tests/test_report_pictures.py)
+    assert len(re.findall(r'<svg xmlns="http://www.w3.org/2000/svg"', page)) == 1
+    positions = _positions(page, VERDICT, "No quality picture", 'class="picture memory"', "<table>",
+                           "<h2>Excluded</h2>",
                            "<h2>Recommendation: rsLoRA</h2>", "<h2>Assumptions</h2>")
     assert positions == sorted(positions)
     assert EXCLUSION_REASON in page
@@ -336,24 +334,6 @@ def test_html_escapes_text(rec: Recommendation):
 def test_unknown_format_is_a_peftpick_error(rec: Recommendation):
     with pytest.raises(PeftpickError, match="markdown"):
         render(rec, "pdf")
-
-
-def test_plot_puts_candidates_without_evidence_below_the_rest(rec: Recommendation):
-    points, label = plot_points(rec)
-    assert "relative to LoRA" in label
-    measured = [p.quality for p in points if p.has_evidence]
-    (unmeasured,) = [p for p in points if not p.has_evidence]
-    assert unmeasured.label == "Full fine-tuning"
-    assert unmeasured.quality < min(measured + [1.0])
-    assert [p.memory_gib for p in points] == pytest.approx([3.2, 7.5, 7.0])
-
-
-def test_plot_without_any_evidence_uses_the_ranking_score(rec: Recommendation):
-    bare = dataclasses.replace(rec, ranked=tuple(dataclasses.replace(r, evidence=None) for r in rec.ranked))
-    points, label = plot_points(bare)
-    assert "ranking score" in label
-    assert [p.quality for p in points] == [0.91, 0.8, 0.6]
-    assert pareto_png(bare).startswith(b"\x89PNG")
 
 
 # -------------------------------------------------------------------------------------------------- writing
