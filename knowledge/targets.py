@@ -82,6 +82,18 @@ class TargetResolution:
     notes: list[str]
     roles_covered: tuple[str, ...] = ()  # every role the adapter touches, fused neighbours included
     fan_in_fan_out: bool = False  # True when targets are transformers Conv1D (GPT-2): LoraConfig needs it
+    # PEFT `target_parameters`: fused mixture-of-experts weights (e.g. "mlp.experts.gate_up_proj"); only filled when
+    # resolve_targets is asked for them (experts=True)
+    parameters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExpertParameter:
+    """A fused 3-D mixture-of-experts weight in one decoder layer (all experts of one projection in one tensor)."""
+
+    path: str  # inside the layer, e.g. "mlp.experts.gate_up_proj"; PEFT target_parameters matches it as a suffix
+    roles: tuple[str, ...]  # ("gate", "up") for gate_up_proj, ("down",) for down_proj; () when the name tells none
+    shape: tuple[int, ...]  # (experts, in, out) or (experts, out, in), as the family stores it
 
 
 def _block_of(path: str) -> str | None:
@@ -118,6 +130,8 @@ def decoder_layer_modules(arch: Architecture) -> list[LinearModule]:
     are listed but flagged; transformers 5 keeps most experts as fused 3-D parameters, which are not listed here
     (see `expert_parameter_names`).
     """
+    if "layer_modules" in arch.facts:  # worked out by an earlier run (knowledge.architectures.with_facts)
+        return [LinearModule(**{**fields, "roles": tuple(fields["roles"])}) for fields in arch.facts["layer_modules"]]
     import torch
     from transformers.pytorch_utils import Conv1D
 
@@ -166,14 +180,33 @@ def _first_layer_prefix(model) -> str:
     )
 
 
-def expert_parameter_names(arch: Architecture) -> list[str]:
-    """Parameters of fused mixture-of-experts weights in one layer (e.g. "mlp.experts.gate_up_proj").
+def expert_parameters(arch: Architecture) -> list[ExpertParameter]:
+    """The fused mixture-of-experts weights of the first decoder layer that holds experts, with their roles.
 
-    PEFT reaches these through `target_parameters`, not `target_modules`.
+    transformers 5 stores the experts of Mixtral, Qwen3-MoE, gpt-oss, Llama 4 ... as 3-D nn.Parameters
+    (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`); PEFT reaches these through LoraConfig's
+    `target_parameters`, not `target_modules`. Dense models give [].
     """
+    if not arch.num_experts:
+        return []
+    if "expert_parameters" in arch.facts:
+        return [ExpertParameter(path=fields["path"], roles=tuple(fields["roles"]), shape=tuple(fields["shape"]))
+                for fields in arch.facts["expert_parameters"]]
     model = build_model(arch, device="meta", num_layers=1)
     layer = model.get_submodule(_first_layer_prefix(model))
-    return [name for name, parameter in layer.named_parameters() if parameter.dim() == 3 and "expert" in name]
+    found = []
+    for name, parameter in layer.named_parameters():
+        parts = name.split(".")
+        if parameter.dim() != 3 or not any("expert" in part for part in parts[:-1]):
+            continue
+        found.append(ExpertParameter(path=name, roles=_ROLES_BY_LEAF.get(parts[-1].lower(), ()),
+                                     shape=tuple(int(d) for d in parameter.shape)))
+    return found
+
+
+def expert_parameter_names(arch: Architecture) -> list[str]:
+    """Paths of the fused mixture-of-experts weights in one layer (e.g. "mlp.experts.gate_up_proj")."""
+    return [parameter.path for parameter in expert_parameters(arch)]
 
 
 def linear_module_names(arch: Architecture) -> dict[str, list[str]]:
@@ -204,12 +237,17 @@ def _fusion_note(arch: Architecture, module: LinearModule, requested: set[str]) 
     return f"{arch.name} fuses {joined} into {module.target}: the adapter covers {', '.join(extra)} too"
 
 
-def resolve_targets(arch: Architecture, roles: str | Iterable[str], method: str | None = None) -> TargetResolution:
+def resolve_targets(arch: Architecture, roles: str | Iterable[str], method: str | None = None,
+                    experts: bool = False, experts_unsupported: str | None = None) -> TargetResolution:
     """PEFT target module names for `roles` (roles and shortcuts) on `arch`.
 
     Explicit roles must exist in the architecture; a shortcut ("attn", "mlp", "attn_qv") takes the roles the
     architecture has and notes the ones it lacks. "all-linear" lists every linear projection of the decoder
     layers by name (never lm_head, embeddings or MoE routers), which also serving engines accept.
+
+    `experts=True` (a method whose PEFT config can take `target_parameters`: LoRA) also resolves the MLP roles on a
+    mixture of experts whose weights are fused 3-D parameters, into `TargetResolution.parameters`; all-linear then
+    includes them. `experts_unsupported` is the reason a method cannot, stated where the experts are left out.
     """
     requested_roles = [roles] if isinstance(roles, str) else list(roles)
     who = method or "this method"
@@ -237,53 +275,84 @@ def resolve_targets(arch: Architecture, roles: str | Iterable[str], method: str 
     present = {role for module in modules if module.targetable for role in module.roles}
     has_expert_linears = any(m.in_experts for m in modules)
     # transformers 5 stores most experts as 3-D parameters rather than Linear modules; name them in errors.
-    fused_experts = expert_parameter_names(arch) if arch.num_experts and not has_expert_linears else []
+    fused = expert_parameters(arch) if arch.num_experts and not has_expert_linears else []
+    fused_experts = [p.path for p in fused]
+    reachable = fused if experts else []  # expert weights this method targets through target_parameters
+    expert_roles = {role for p in reachable for role in p.roles}
 
     def absent_reason(role: str) -> str:
-        if role in SHORTCUTS["mlp"] and arch.num_experts:
+        if set(role.split("/")) <= set(SHORTCUTS["mlp"]) and arch.num_experts:
             where = ", ".join(fused_experts) if fused_experts else "per-expert linears"
+            reach = (f"{who} cannot reach them ({experts_unsupported}); target attention roles, or use LoRA, "
+                     "which reaches the experts with PEFT target_parameters" if experts_unsupported else
+                     "target attention roles, or reach the experts with PEFT target_parameters")
             return (f"its MLP is a mixture of {arch.num_experts} experts ({where}) with a router, not a dense "
-                    f"{role} projection; target attention roles, or reach the experts with PEFT target_parameters")
+                    f"{role} projection; {reach}")
         return f"its layers have {_describe_layout(modules)}"
 
     for role in explicit:
-        if role not in present:
+        if role not in present and role not in expert_roles:
             raise PeftpickError(f"{who} cannot target {role} on {arch.model_type}", absent_reason(role))
 
     chosen: list[LinearModule]
+    chosen_parameters: list[ExpertParameter] = []
     if wants_all_linear:
         chosen = [m for m in modules if m.targetable]
-        if not chosen:
+        chosen_parameters = list(reachable)
+        if not chosen and not chosen_parameters:
             raise PeftpickError(f"{who} finds no linear layers to target on {arch.model_type}", absent_reason("q"))
         excluded = ["lm_head", "embeddings"]
         if any(m.is_router for m in modules) or arch.num_experts:
-            excluded.append("MoE routers and experts")
+            excluded.append("MoE routers" if chosen_parameters else "MoE routers and experts")
         notes.append(f"all-linear: {len(chosen)} linear projections per decoder layer; "
                      f"{', '.join(excluded)} are not targeted")
+        if fused and not chosen_parameters and experts_unsupported:
+            notes.append(f"{who} cannot reach the {arch.num_experts} fused experts per layer "
+                         f"({', '.join(fused_experts)}): {experts_unsupported}")
         wanted = set(ROLES)
     else:
-        missing_from_shortcuts = [role for role in dict.fromkeys(from_shortcuts) if role not in present]
-        wanted = set(explicit) | {role for role in from_shortcuts if role in present}
+        missing_from_shortcuts = [role for role in dict.fromkeys(from_shortcuts)
+                                  if role not in present and role not in expert_roles]
+        wanted = set(explicit) | {role for role in from_shortcuts if role in present or role in expert_roles}
         if not wanted:
             raise PeftpickError(
                 f"{who} cannot target {', '.join(requested_roles)} on {arch.model_type}",
                 absent_reason(missing_from_shortcuts[0] if missing_from_shortcuts else requested_roles[0]),
             )
+        moe_missing = [role for role in missing_from_shortcuts if role in SHORTCUTS["mlp"] and arch.num_experts]
+        if moe_missing:  # one note for the whole expert MLP rather than one per role
+            notes.append(f"{arch.model_type} has no dense {', '.join(moe_missing)} projection: "
+                         f"{absent_reason('/'.join(moe_missing))}")
         for role in missing_from_shortcuts:
-            notes.append(f"{arch.model_type} has no {role} projection: {absent_reason(role)}")
+            if role not in moe_missing:
+                notes.append(f"{arch.model_type} has no {role} projection: {absent_reason(role)}")
         chosen = [m for m in modules if m.targetable and set(m.roles) & wanted]
+        chosen_parameters = [p for p in reachable if set(p.roles) & wanted]
         for module in chosen:
             note = _fusion_note(arch, module, wanted)
             if note:
                 notes.append(note)
+        for parameter in chosen_parameters:
+            extra = [role for role in parameter.roles if role not in wanted]
+            if extra:
+                notes.append(f"{arch.name} fuses {' and '.join(parameter.roles)} of its experts into "
+                             f"{parameter.path}: the adapter covers {', '.join(extra)} too")
+    if chosen_parameters:
+        notes.append(
+            f"the {arch.num_experts} experts per layer are fused 3-D weights "
+            f"({', '.join(p.path for p in chosen_parameters)}): targeted with PEFT target_parameters, whose "
+            f"lora_A / lora_B hold r x {arch.num_experts} rows (one rank-r update per expert); PEFT then requires "
+            "lora_dropout 0 and no DoRA")
 
     targets = list(dict.fromkeys(m.target for m in chosen))
-    covered = tuple(role for role in ROLES if any(role in m.roles for m in chosen))
+    covered = tuple(role for role in ROLES
+                    if any(role in m.roles for m in chosen) or any(role in p.roles for p in chosen_parameters))
     conv1d = any(m.kind == "Conv1D" for m in chosen)
     if conv1d:
         notes.append(f"{arch.model_type} stores these projections as transformers Conv1D (weights transposed): "
                      "set fan_in_fan_out=True in the adapter config")
-    return TargetResolution(modules=targets, notes=notes, roles_covered=covered, fan_in_fan_out=conv1d)
+    return TargetResolution(modules=targets, notes=notes, roles_covered=covered, fan_in_fan_out=conv1d,
+                            parameters=tuple(p.path for p in chosen_parameters))
 
 
 def _peft_mapping(kind: str):

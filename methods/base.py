@@ -9,9 +9,12 @@ depend on layer widths (block sizes, shard sizes ...). Subclasses override only 
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -36,6 +39,7 @@ _BOOKKEEPING_KEYS = frozenset({
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "megatron_core",
 })
+ALL_LINEAR_ROLE = "all-linear"  # knowledge.targets.ALL_LINEAR, without importing it at module load
 # The suite's optimizer_type spellings -> Candidate.optimizer.
 _OPTIMIZERS: Mapping[str, Optimizer] = MappingProxyType({"adamw": "adamw", "lora-fa": "lora-fa", "lorafa": "lora-fa"})
 
@@ -103,7 +107,7 @@ class MethodSpec:
         notes += target_notes
         context = BuildContext(arch=arch, reference_arch=reference_arch, layers=layers, run=run)
         notes += self._fit_to_architecture(settings, context)
-        kwargs, dropped_notes = self._accepted_kwargs(settings)
+        kwargs, dropped_notes = self._accepted_kwargs(settings, kb.architectures.cache)
         notes += dropped_notes
         return Candidate(
             method=self.key,
@@ -116,6 +120,7 @@ class MethodSpec:
             benchmark_run=self.benchmark_run,
             notes=tuple(notes),
             task_type=workload_of(arch).task_type,
+            peft_defaults=peft_config_facts(self.config_class, kb.architectures.cache)[2] if self.config_class else {},
         )
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -235,22 +240,19 @@ class MethodSpec:
         return [f"rank {rank} instead of the run's {old_rank}; {self.alpha_key} {settings[self.alpha_key]} keeps the "
                 f"run's alpha/r = {settings[self.alpha_key] / rank:g}"]
 
-    def _accepted_kwargs(self, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    def _accepted_kwargs(self, settings: dict[str, Any], cache: Any = None) -> tuple[dict[str, Any], list[str]]:
         """Settings the installed PEFT's config class accepts; a note names any it does not know."""
         if self.config_class is None:
             return {}, []
-        import peft
-
-        config_class = getattr(peft, self.config_class, None)
-        if config_class is None:
-            raise PeftpickError(f"peft {peft.__version__} has no {self.config_class} for {self.display_name}",
+        version, known, _ = peft_config_facts(self.config_class, cache)
+        if known is None:
+            raise PeftpickError(f"peft {version} has no {self.config_class} for {self.display_name}",
                                 "upgrade peft (pip install -U peft)")
-        known = {f.name for f in dataclasses.fields(config_class)}
         kwargs = {key: value for key, value in settings.items() if key in known}
         unknown = sorted(set(settings) - known)
         if not unknown:
             return kwargs, []
-        return kwargs, [f"peft {peft.__version__}'s {self.config_class} has no {', '.join(unknown)}: left out"]
+        return kwargs, [f"peft {version}'s {self.config_class} has no {', '.join(unknown)}: left out"]
 
     # ------------------------------------------------------------------------------------------ targets
 
@@ -269,23 +271,59 @@ class MethodSpec:
         arch_layers = layer_modules(arch)
         reference_layers = layer_modules(reference_arch)
         notes: list[str] = []
+        # only a mixture of experts has expert weights to ask about (the question imports PEFT)
+        unsupported = self._expert_parameters_unsupported(settings) if arch.num_experts else None
         if targets is None:
             roles = _roles_of_run_targets(run, reference_layers)
-            resolution = self._resolve(arch, roles, from_run=True)
+            resolution = self._resolve(arch, roles, from_run=True, unsupported=unsupported)
             extra_modules: list[str] = []
         else:
             roles, extra_modules, name_notes = _roles_of_user_targets(targets, arch, arch_layers, reference_layers,
                                                                      reference_arch)
             notes += name_notes
-            resolution = self._resolve(arch, roles, from_run=False) if roles else None
+            resolution = self._resolve(arch, roles, from_run=False, unsupported=unsupported) if roles else None
         modules = list(dict.fromkeys([*(resolution.modules if resolution else []), *extra_modules]))
         notes += list(resolution.notes) if resolution else []
+        parameters = list(resolution.parameters) if resolution else []
+        if (arch.num_experts and not parameters and unsupported is None and targets is None
+                and not set(roles) & {"mlp", "gate", "up", "down", ALL_LINEAR_ROLE}):
+            notes.append(f"the run targets no MLP, so {arch.name}'s {arch.num_experts} experts per layer stay frozen; "
+                         "targets=['mlp'] reaches them with PEFT target_parameters")
         layers = tuple(layer for layer in arch_layers if layer.target in modules)
         self._check_layer_kinds(arch, kb, layers)
         settings["target_modules"] = modules
+        if parameters:
+            settings["target_parameters"] = parameters
         if "fan_in_fan_out" in settings or any(layer.kind == "Conv1D" for layer in layers):
             settings["fan_in_fan_out"] = any(layer.kind == "Conv1D" for layer in layers)
         return layers, notes
+
+    def _expert_parameters_unsupported(self, settings: dict[str, Any]) -> str | None:
+        """None when this method's PEFT config can wrap fused MoE expert weights (`target_parameters`), else why not.
+
+        peft 0.21's lora.ParamWrapper is the only layer that wraps a bare nn.Parameter; it refuses DoRA, dropout,
+        lora_bias and fan_in_fan_out, and the PiSSA / OLoRA / CorDA / LoftQ initialisations read the wrapped
+        module's `.weight`, which an experts module does not have (measured on a tiny gpt-oss).
+        """
+        import dataclasses
+
+        import peft
+
+        config_class = getattr(peft, self.config_class or "", None)
+        if config_class is None or "target_parameters" not in {f.name for f in dataclasses.fields(config_class)}:
+            return (f"PEFT's {self.config_class} has no target_parameters (only LoraConfig wraps bare parameters)"
+                    if self.config_class else "it wraps no layers")
+        if settings.get("use_dora"):
+            return "PEFT's lora.ParamWrapper does not work with use_dora=True"
+        init = settings.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+            return (f"PEFT's {init} initialisation decomposes the wrapped layer's .weight, which the fused experts "
+                    "module does not have")
+        for key, label in (("lora_dropout", "lora_dropout != 0"), ("lora_bias", "lora_bias=True"),
+                           ("fan_in_fan_out", "fan_in_fan_out=True")):
+            if settings.get(key):
+                return f"PEFT's lora.ParamWrapper does not work with {label}"
+        return None
 
     def _choose_denoiser_targets(self, settings: dict[str, Any], arch: Architecture, kb: KnowledgeBase,
                                  reference_arch: Architecture, run: pd.Series,
@@ -322,11 +360,12 @@ class MethodSpec:
             settings["feedforward_modules"] = _feedforward_like_run(settings, run, modules)
         return layers, list(resolution.notes)
 
-    def _resolve(self, arch: Architecture, roles: list[str], from_run: bool):
+    def _resolve(self, arch: Architecture, roles: list[str], from_run: bool, unsupported: str | None = None):
         from peftpick.knowledge.targets import resolve_targets
 
         try:
-            return resolve_targets(arch, roles, method=self.display_name)
+            return resolve_targets(arch, roles, method=self.display_name, experts=unsupported is None,
+                                   experts_unsupported=unsupported)
         except PeftpickError as error:
             if not from_run:
                 raise
@@ -516,3 +555,45 @@ def describe_widths(layers: Sequence[LinearModule], which: str = "in") -> str:
     attribute = "in_features" if which == "in" else "out_features"
     return ", ".join(f"{layer.target} {getattr(layer, attribute)}" for layer in layers)
 
+
+def peft_config_facts(config_class: str, cache: Any = None) -> tuple[str, frozenset[str] | None, dict[str, Any]]:
+    """(the installed PEFT's version, the field names of its config class `config_class` (None when it has no such
+    class), the class's defaults that are plain literals). `cache` (a disk_cache.JsonTable keyed by the library
+    versions) keeps them for every config class, so that a later run answers without importing PEFT (and torch
+    under it); a fresh answer goes through the same JSON form, so both runs give the same."""
+    key = parts = None
+    stored = None
+    if cache is not None:
+        key, parts = cache.key({"peft_config_facts": 1})
+        stored = cache.get(key)
+    if not (isinstance(stored, dict) and isinstance(stored.get("fields"), dict)
+            and isinstance(stored.get("defaults"), dict)):
+        stored = _read_peft_config_facts()
+        if cache is not None:
+            cache.put(key, stored, parts, "PEFT config fields and defaults")
+    fields = stored["fields"].get(config_class)
+    defaults = {}
+    for name, text in (stored["defaults"].get(config_class) or {}).items():
+        with contextlib.suppress(ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            defaults[name] = ast.literal_eval(text)
+    return str(stored["version"]), frozenset(fields) if fields is not None else None, defaults
+
+
+def _read_peft_config_facts() -> dict[str, Any]:
+    import peft
+
+    fields, defaults = {}, {}
+    for name in dir(peft):
+        value = getattr(peft, name)
+        if not (name.endswith("Config") and isinstance(value, type) and dataclasses.is_dataclass(value)):
+            continue
+        fields[name] = sorted(field.name for field in dataclasses.fields(value))
+        try:
+            with warnings.catch_warnings():  # some classes warn about the settings a default instance lacks
+                warnings.simplefilter("ignore")
+                instance = value()
+        except Exception:  # noqa: BLE001 - a config class that needs arguments has no defaults to leave out
+            continue
+        defaults[name] = {field.name: repr(getattr(instance, field.name)) for field in dataclasses.fields(value)
+                          if field.init}
+    return {"version": peft.__version__, "fields": fields, "defaults": defaults}

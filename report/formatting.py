@@ -39,12 +39,23 @@ def binary_size(n_bytes: int | float | None) -> str:
 
 
 def count(n: int | None) -> str:
-    """A parameter count as "4.59 M" / "1.24 B" / "512"."""
+    """A parameter count to 3 significant figures: "4.59 M" / "1.24 B" / "1.0 B" / "512".
+
+    The unit is chosen after rounding, so 999,885,952 reads "1.0 B", not "1e+03 M"; a whole number below 10 keeps
+    one decimal ("1.0 B", "7.0 B") so that it reads as the rounded figure it is.
+    """
     if n is None:
         return "n/a"
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {suffix}"
+    rounded = float(f"{n:.3g}")
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(rounded) >= scale:
+            value = rounded / scale
+            text = f"{value:.3g}"
+            if "e" in text:  # only past 999 T
+                text = f"{value:,.0f}"
+            elif "." not in text and abs(value) < 10:
+                text += ".0"
+            return f"{text} {suffix}"
     return str(n)
 
 
