@@ -133,6 +133,10 @@ def read_adapter_config(path: Path | str) -> tuple[dict[str, Any], Any]:
     except json.JSONDecodeError as error:
         raise PeftpickError(f"{file} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})",
                             "the file may be truncated; re-save the adapter with PEFT's save_pretrained") from None
+    except (ValueError, RecursionError) as error:  # a number too long for int(), nesting too deep
+        reason = ' '.join(str(error).split(';')[0].split())[:160]
+        raise PeftpickError(f"{file} cannot be read as JSON ({reason})",
+                            "re-save the adapter with PEFT's save_pretrained") from None
     except OSError as error:
         raise PeftpickError(f"cannot read {file} ({error.strerror or error})", "check the file's permissions") \
             from None
@@ -172,9 +176,13 @@ def check_config_fields(config_class: type, raw: Mapping[str, Any], where: str) 
         hints = typing.get_type_hints(config_class)
     except Exception:  # an annotation the running Python cannot resolve: leave the checking to PEFT
         return
-    names = {f.name for f in dataclasses.fields(config_class)}
+    fields = dataclasses.fields(config_class)
+    names = {f.name for f in fields}
+    # null where the class's default is None means "use PEFT's default" (AdaptionPrompt's target_modules is
+    # annotated str, default None, and saved as null)
+    null_default = {f.name for f in fields if f.default is None}
     for key, value in raw.items():
-        if key not in names or key not in hints:
+        if key not in names or key not in hints or (value is None and key in null_default):
             continue
         expected = hints[key]
         if not _matches(value, expected, allow_float=bool(_SCALE_FIELDS.search(key))):

@@ -35,27 +35,66 @@ class Trace:
     marks: dict[str, int] = field(default_factory=dict)  # phase -> index of its first event
 
 
+_aten = torch.ops.aten
+# "Is anything inf / nan?" sanity checks, and the reductions that fold their masks into one answer.
+_NONFINITE_CHECKS = (_aten.isinf.default, _aten.isnan.default, _aten.isposinf.default, _aten.isneginf.default)
+_FOLDS = (_aten.any.default, _aten.any.dim, _aten.any.dims, _aten.logical_or.default, _aten.bitwise_or.Tensor)
+
+
 class MetaValues(TorchDispatchMode):
     """Answers the few value-dependent questions code asks of meta tensors: `.item()`-style checks (the modelled
-    batch is full and unpadded, so "every token attended?" is yes) and `torch.nonzero` of masks whose count a
-    method fixes (`nonzero_rows`)."""
+    batch is full and unpadded, so "every token attended?" is yes), "is any value inf or nan?" (no: the outputs
+    of those checks are remembered, so `isinf(w).any()` reads False), and `torch.nonzero` / `x[mask]` of masks
+    whose count a method fixes (`nonzero_rows`)."""
 
     def __init__(self, nonzero_rows: Callable[[tuple[int, ...]], int] | None = None) -> None:
         super().__init__()
         self.nonzero_rows = nonzero_rows
+        self._finite_checks: dict[int, weakref.ref] = {}  # storage id -> storage, for outputs of inf/nan checks
 
-    def answer(self, func, args):
+    def _is_finite_check(self, tensor: torch.Tensor) -> bool:
+        ref = self._finite_checks.get(tensor.untyped_storage()._cdata)
+        return ref is not None and ref() is not None
+
+    def _remember_check(self, out: torch.Tensor) -> torch.Tensor:
+        storage = out.untyped_storage()
+        self._finite_checks[storage._cdata] = weakref.ref(storage)
+        return out
+
+    def _selected(self, mask: torch.Tensor) -> int:
+        if self.nonzero_rows is None:
+            raise NotImplementedError("data-dependent shape (torch.nonzero) cannot be traced on the meta device")
+        return self.nonzero_rows(tuple(mask.shape))
+
+    def answer(self, func, args, kwargs=None):
         """The stand-in result for a value-dependent op on meta, or NotImplemented for any other op."""
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
-            return True if args[0].dtype == torch.bool else 0
-        if func is torch.ops.aten.nonzero.default and args[0].device.type == "meta":
-            if self.nonzero_rows is None:
-                raise NotImplementedError("data-dependent shape (torch.nonzero) cannot be traced on the meta device")
-            return torch.empty((self.nonzero_rows(tuple(args[0].shape)), args[0].dim()), dtype=torch.long, device="meta")
+        first = args[0] if args else None
+        if not (isinstance(first, torch.Tensor) and first.device.type == "meta"):
+            return NotImplemented
+        if func is _aten._local_scalar_dense.default:
+            if first.dtype == torch.bool:
+                return not self._is_finite_check(first)
+            return 0
+        if func is _aten.nonzero.default:
+            return torch.empty((self._selected(first), first.dim()), dtype=torch.long, device="meta")
+        if func is _aten.index.Tensor and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+            # x[mask] runs nonzero inside the meta kernel, out of this mode's sight: index with its count instead
+            indices = []
+            for index in args[1]:
+                if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+                    count = self._selected(index)
+                    indices.extend(torch.empty(count, dtype=torch.long, device="meta") for _ in range(index.dim()))
+                else:
+                    indices.append(index)
+            return func(first, indices)
+        if func in _NONFINITE_CHECKS:
+            return self._remember_check(func(*args, **(kwargs or {})))
+        if func in _FOLDS and all(self._is_finite_check(a) for a in args if isinstance(a, torch.Tensor)):
+            return self._remember_check(func(*args, **(kwargs or {})))
         return NotImplemented
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        answer = self.answer(func, args)
+        answer = self.answer(func, args, kwargs)
         return func(*args, **(kwargs or {})) if answer is NotImplemented else answer
 
 
@@ -160,7 +199,7 @@ class StorageTracker(MetaValues):
 
     # -- dispatch -------------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = self.answer(func, args)
+        out = self.answer(func, args, kwargs)
         if out is NotImplemented:
             out = func(*args, **(kwargs or {}))
         if self.temporaries is not None:

@@ -13,6 +13,7 @@ into the next forward, which is what the GPU shows (see benchmarks/compare_estim
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +58,7 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
     """
     from transformers import AutoModelForCausalLM
 
-    nonzero_rows = None
-    if program.peft_config is not None and getattr(program.peft_config, "peft_type", None) == "SHIRA":
-        rank = program.peft_config.r
-        nonzero_rows = lambda shape: rank * (shape[0] + shape[1])  # noqa: E731  PEFT's SHiRA masks hold r*(m+n) ones
+    nonzero_rows = _mask_counts(program.peft_config)
     # The model is built and wrapped outside the tracer (building runs thousands of tiny ops - BOFT's
     # permutation matrices alone tens of thousands - that allocate nothing lasting); its weights are then
     # logged in the order they were created: the base model's, then the adapter's.
@@ -91,10 +89,14 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
         # PEFT builds adapter weights on the CPU and moves them to the base weights' device (meta): for the few
         # layers traced that is fast, where building them on meta runs every tiny op through Python (BOFT's
         # permutation matrices are made element by element). SHiRA's random masks over whole weights are the
-        # exception: cheap on meta, given the count of ones they hold.
-        building = (contextlib.ExitStack() if nonzero_rows is None else _on_meta(MetaValues(nonzero_rows)))
-        with building, _one_thread():
+        # exception: cheap on meta, given the count of ones they hold. So is MiCA's LoRA, whose lora_B (the base
+        # weight's minor singular vectors) PEFT leaves unset on meta. Set-up steps that need the base weights'
+        # values are replaced by ones that need only their shapes (`_value_free_setup`, `_skip_deferred_setup`).
+        on_meta = _builds_on_meta(program.peft_config)
+        building = _on_meta(MetaValues(nonzero_rows)) if on_meta else contextlib.ExitStack()
+        with building, _one_thread(), _value_free_setup(program.peft_config):
             model = get_peft_model(model, program.peft_config)
+        _skip_deferred_setup(model)
         if any(t.device.type != "meta" for t in _tensors_in_creation_order(model)):
             model.to("meta")
         if program.quant != "none" and program.trainer == "trl":
@@ -109,7 +111,7 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
 
         tracker.temporaries = dequantization_temporaries
         tracker.output_tag = dequantization_output
-    with tracker:
+    with tracker, _meta_autocast():
         tracker.set_phase("build")
         for _ in range(CUBLAS_HANDLES):
             tracker.allocate(CUBLAS_WORKSPACE_BYTES, "overhead")
@@ -186,6 +188,63 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
     return tracker.trace, counts
 
 
+def _peft_type(peft_config) -> str | None:
+    value = getattr(peft_config, "peft_type", None)
+    return None if value is None else str(getattr(value, "value", value))
+
+
+def _mask_counts(peft_config):
+    """How many elements the method's boolean masks select (torch.nonzero, x[mask]), as a function of the mask's
+    shape; None when the method has no such masks."""
+    peft_type = _peft_type(peft_config)
+    if peft_type == "SHIRA":
+        rank = peft_config.r
+        return lambda shape: rank * (shape[0] + shape[1])  # PEFT's SHiRA masks hold r*(m+n) ones
+    if peft_type == "WAVEFT":
+        # WaveFT keeps the spectrum entries whose (offset) indices fall inside the padded matrix: its indices come
+        # from randperm(out x in) and the padding only grows the matrix, so every entry is kept
+        return lambda shape: math.prod(shape)
+    return None
+
+
+def _builds_on_meta(peft_config) -> bool:
+    peft_type = _peft_type(peft_config)
+    return peft_type == "SHIRA" or (peft_type == "LORA" and getattr(peft_config, "init_lora_weights", None) == "mica")
+
+
+@contextlib.contextmanager
+def _value_free_setup(peft_config):
+    """AdaMSS groups the rows of each base weight's top singular vectors into `num_subspaces` clusters with
+    k-means, which needs the weights' values: on meta the clusters are taken as contiguous, equal-sized runs of
+    rows. Their sizes always add up to the layer's output features, so with `subspace_rank` 1 (or subspaces of
+    at least `subspace_rank` rows) the trainable parameters are exact and only the split of the per-subspace
+    activations differs."""
+    if _peft_type(peft_config) != "ADAMSS":
+        yield
+        return
+    from unittest import mock
+
+    import peft.tuners.adamss.layer as adamss_layer
+
+    def equal_clusters(vt, num_subspaces, _iternum):
+        rows = vt.shape[0]
+        clusters = max(1, min(int(num_subspaces), rows))
+        return torch.arange(rows) * clusters // rows, clusters
+
+    with mock.patch.object(adamss_layer, "clustering_Z", equal_clusters):
+        yield
+
+
+def _skip_deferred_setup(model) -> None:
+    """KaSA replaces each base weight by its SVD truncation once, before training (deferred to the first forward
+    when the adapter is made on meta). The truncated weight has the base weight's shape and dtype, so the
+    training step is traced without it."""
+    for module in model.modules():
+        deferred = getattr(module, "_lora_kasa_truncation_deferred", None)
+        if isinstance(deferred, set):
+            deferred.clear()
+
+
 def _forward(model, x, program: TrainingProgram):
     """(loss, what the loop keeps until the next step). The plain loop keeps the model output (its logits);
     transformers' Trainer and TRL's SFTTrainer compute the loss inside compute_loss, so the output is gone
@@ -198,6 +257,31 @@ def _forward(model, x, program: TrainingProgram):
 
         output = loss = fused_loss(program.loss, model, x)
     return loss, (output if program.trainer == "plain" else None)
+
+
+class _MetaAutocast(torch.autocast):
+    """torch.autocast that is a no-op for device_type "meta" (torch refuses that device type). PEFT's
+    target_parameters LoRA (lora.ParamWrapper, MoE expert weights) opens `torch.autocast(W.device.type,
+    enabled=False)` around its weight fold; on a GPU that disables autocast, which on meta there is none to do."""
+
+    def __init__(self, device_type, *args, **kwargs):
+        self._noop = device_type == "meta"
+        if not self._noop:
+            super().__init__(device_type, *args, **kwargs)
+
+    def __enter__(self):
+        return None if self._noop else super().__enter__()
+
+    def __exit__(self, *exc):
+        return None if self._noop else super().__exit__(*exc)
+
+
+@contextlib.contextmanager
+def _meta_autocast():
+    from unittest import mock
+
+    with mock.patch.object(torch, "autocast", _MetaAutocast):
+        yield
 
 
 @contextlib.contextmanager

@@ -280,6 +280,10 @@ def _read_json(file: Path, what: str) -> dict[str, Any]:
         ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise PeftpickError(f"cannot read {what} at {file} ({error})", "check the path and its permissions") from None
+    except (ValueError, RecursionError) as error:  # a number too long for int(), nesting too deep
+        reason = ' '.join(str(error).split(';')[0].split())[:160]
+        raise PeftpickError(f"{what} at {file} cannot be read as JSON ({reason})",
+                            "fix the file, or download it again from the model's hub repository") from None
     if not isinstance(raw, dict):
         raise PeftpickError(f"{what} at {file} is not a JSON object", "use the file from the model's hub repository")
     return raw
@@ -290,7 +294,7 @@ def _peek_class_name(config_file: Path) -> str | None:
     a diffusers config as far as peftpick can tell, and the language-model reader reports its problems."""
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # ValueError: undecodable bytes, bad JSON, a too-long number
         return None
     value = raw.get("_class_name") if isinstance(raw, dict) else None
     return str(value) if value else None
