@@ -21,47 +21,10 @@ import math
 
 import torch
 
-# liger-kernel 0.8.5 transformers/monkey_patch.py MODEL_TYPE_TO_APPLY_LIGER_FN, used when liger is not installed
-LIGER_MODEL_TYPES_0_8_5 = frozenset({
-    "deepseek_v2", "deepseek_v3", "deepseek_v4", "exaone4", "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text",
-    "gemma4", "gemma4_text", "glm4", "glm4v", "glm4v_moe", "gpt_oss", "granite", "hunyuan_v1_dense", "hunyuan_v1_moe",
-    "internvl", "llama", "llama4", "llama4_text", "llava", "ministral", "mistral", "mixtral", "mllama",
-    "mllama_text_model", "muse_glimmer", "nemotron", "olmo2", "olmo3", "paligemma", "phi3", "pixtral", "qwen2",
-    "qwen2_5_vl", "qwen2_5_vl_text", "qwen2_vl", "qwen2_vl_text", "qwen3", "qwen3_5", "qwen3_5_moe",
-    "qwen3_5_moe_text", "qwen3_5_text", "qwen3_moe", "qwen3_next", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_moe_text",
-    "qwen3_vl_text", "smollm3", "smolvlm",
-})
+from peftpick.estimator.liger_models import LIGER_MODEL_TYPES_0_8_5, liger_model_types  # noqa: F401 - re-exported
+
 TRL_TOKEN_TILE = 4096  # trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE
 TRL_VOCAB_TILE = 32768  # trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE
-
-
-def liger_model_types() -> tuple[frozenset[str], str]:
-    """Model types Liger patches, and where the list comes from: the installed package's
-    MODEL_TYPE_TO_APPLY_LIGER_FN, read from its source file (importing it pulls in Triton, about 8 s), or the
-    0.8.5 list when liger-kernel is not installed."""
-    import ast
-    import importlib.util
-    from importlib.metadata import PackageNotFoundError, version
-    from pathlib import Path
-
-    try:
-        spec = importlib.util.find_spec("liger_kernel")
-        installed = version("liger-kernel")
-    except (ImportError, PackageNotFoundError, ValueError):
-        spec, installed = None, None
-    if spec is not None and spec.submodule_search_locations:
-        source = Path(next(iter(spec.submodule_search_locations))) / "transformers" / "monkey_patch.py"
-        try:
-            tree = ast.parse(source.read_text())
-        except (OSError, SyntaxError):
-            tree = None
-        for node in ast.walk(tree) if tree is not None else ():
-            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-            if (isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict)
-                    and any(getattr(t, "id", None) == "MODEL_TYPE_TO_APPLY_LIGER_FN" for t in targets)):
-                keys = {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
-                return frozenset(keys), f"liger-kernel {installed} (installed)"
-    return LIGER_MODEL_TYPES_0_8_5, "liger-kernel 0.8.5 monkey_patch.py (not installed)"
 
 
 def liger_chunk_size(tokens: int, hidden: int, vocab: int) -> int:

@@ -12,8 +12,11 @@ the URL it was taken from and how it was checked; it lets peftpick work offline.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -84,6 +87,8 @@ class Registry:
     """The bundled models, searchable by name, alias or hub id (case and separators ignored)."""
 
     entries: tuple[RegistryEntry, ...]
+    # where resolved entries are kept between runs (a disk_cache.JsonTable; see _architecture_from_entry)
+    cache: Any = field(default=None, repr=False, compare=False)
     _index: Mapping[str, RegistryEntry] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +106,10 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def with_cache(self, cache: Any) -> Registry:
+        """This registry, resolving its entries through `cache` (None: without one)."""
+        return dataclasses.replace(self, cache=cache)
 
     def __iter__(self) -> Iterator[RegistryEntry]:
         return iter(self.entries)
@@ -264,6 +273,7 @@ def architecture_from_config(
             f"the config of {name} has no {', '.join(missing)}",
             "pass the model's original config.json",
         )
+    check_config_figures(text_config, f"the config of {name}")
     hidden = int(figures["hidden size"])
     heads = int(figures["number of attention heads"])
     kv_heads = int(_first_present(text_config, ("num_key_value_heads", "num_kv_heads", "n_head_kv")) or heads)
@@ -320,6 +330,87 @@ def _missing_figures(raw: Mapping[str, Any]) -> list[str]:
     ]
 
 
+# Bounds on the figures a config may state: well beyond any released model, far below what would make a traced
+# build allocate (PEFT builds adapter weights on the CPU) or take minutes. Checked before anything is built.
+_FIGURE_LIMITS = {
+    **{key: 1 << 17 for key in _HIDDEN_KEYS},
+    **{key: 1 << 10 for key in _LAYER_KEYS},
+    **{key: 1 << 12 for key in (*_HEAD_KEYS, "num_key_value_heads", "num_kv_heads", "n_head_kv", "head_dim")},
+    **{key: 1 << 23 for key in _VOCAB_KEYS},
+    **{key: 1 << 20 for key in ("intermediate_size", "moe_intermediate_size", "n_inner", "ffn_dim")},
+    **{key: 1 << 12 for key in (*_EXPERT_COUNT_KEYS, "num_experts_per_tok")},
+    **{key: 1 << 26 for key in ("max_position_embeddings", "n_positions")},
+}
+_MAY_BE_ZERO = {"num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok"}
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Other config.json keys peftpick reads itself, with the JSON they must hold where they are not null.
+_FIELD_TYPES = {
+    "architectures": (_strings, "a list of strings"),
+    "layer_types": (_strings, "a list of strings"),
+    "mlp_only_layers": (lambda v: isinstance(v, list) and all(_whole(i) for i in v), "a list of whole numbers"),
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+    "is_decoder": (lambda v: isinstance(v, bool), "true or false"),
+    "is_encoder_decoder": (lambda v: isinstance(v, bool), "true or false"),
+    "torch_dtype": (lambda v: isinstance(v, str), "a string such as \"bfloat16\""),
+    "dtype": (lambda v: isinstance(v, str), "a string such as \"bfloat16\""),
+    "text_config": (lambda v: isinstance(v, dict), "an object"),
+    "rope_scaling": (lambda v: isinstance(v, dict), "an object"),
+    "first_k_dense_replace": (_whole, "a whole number"),
+    "decoder_sparse_step": (_whole, "a whole number"),
+}
+
+
+def _first_clause(error: BaseException) -> str:
+    return " ".join(str(error).split(";")[0].split())[:160]
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # a PretrainedConfig attribute that is no JSON value
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_config_figures(config: Any, where: str) -> None:
+    """PeftpickError unless every size figure `config` states (a config.json mapping or a PretrainedConfig) is a
+    whole number within `_FIGURE_LIMITS`, the other keys peftpick reads hold the JSON `_FIELD_TYPES` says (for a
+    mapping), and the attention heads divide into key/value groups."""
+    def stated(key: str) -> Any:
+        return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+    for key, limit in _FIGURE_LIMITS.items():
+        value = stated(key)
+        if value is None:
+            continue
+        low = 0 if key in _MAY_BE_ZERO else 1
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= limit:
+            raise PeftpickError(
+                f"{where}: {key} is {_shown(value)}, expected a whole number from {low} to {limit:,}",
+                "use the model's original config.json",
+            )
+    if isinstance(config, Mapping):
+        for key, (fits, expected) in _FIELD_TYPES.items():
+            value = config.get(key)
+            if value is not None and not fits(value):
+                raise PeftpickError(f"{where}: {key} is {_shown(value)}, expected {expected}",
+                                    "use the model's original config.json")
+    heads = _first_present(config, _HEAD_KEYS)
+    kv_heads = _first_present(config, ("num_key_value_heads", "num_kv_heads", "n_head_kv"))
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise PeftpickError(f"{where}: {heads} attention heads do not split into {kv_heads} key/value heads",
+                            "use the model's original config.json (the head count is a multiple of the KV head count)")
+
+
 def _read_local_config(config_file: Path) -> Architecture:
     where = f"config.json at {config_file}"
     try:
@@ -329,7 +420,13 @@ def _read_local_config(config_file: Path) -> Architecture:
             f"{where} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})",
             "fix the file, or download the model's config.json again",
         ) from None
-    except (OSError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError:
+        raise PeftpickError(f"{where} is not UTF-8 text", "fix the file, or download the model's config.json again") \
+            from None
+    except (ValueError, RecursionError) as error:  # a number too long for int(), nesting too deep
+        raise PeftpickError(f"{where} cannot be read as JSON ({_first_clause(error)})",
+                            "fix the file, or download the model's config.json again") from None
+    except OSError as error:
         raise PeftpickError(f"cannot read {where} ({error})", "check the path and its permissions") from None
     if not isinstance(raw, dict):
         raise PeftpickError(f"{where} is not a JSON object", "pass the model's original config.json")
@@ -339,6 +436,12 @@ def _read_local_config(config_file: Path) -> Architecture:
             f"{where} is missing 'model_type'",
             "peftpick needs it to know the architecture (e.g. \"llama\"); use the model's original config.json",
         )
+    if not isinstance(model_type, str):
+        raise PeftpickError(f"{where}: model_type is {json.dumps(model_type)[:60]}, expected a string (\"llama\")",
+                            "use the model's original config.json")
+    check_config_figures(raw, where)
+    if isinstance(raw.get("text_config"), dict):
+        check_config_figures(raw["text_config"], f"{where} (text_config)")
     config_class = _config_class(str(model_type), where)
     # A multimodal wrapper keeps its decoder in text_config and relies on that family's defaults there.
     if not _is_text_decoder(str(model_type)) and isinstance(raw.get("text_config"), dict):
@@ -359,12 +462,44 @@ def _read_local_config(config_file: Path) -> Architecture:
             f"transformers cannot read {where}: {message[:300]}", "use the model's original config.json"
         ) from None
     folder = config_file.parent
-    return architecture_from_config(
+    arch = architecture_from_config(
         config,
         name=folder.name or str(folder),
         source=f"local config.json at {config_file}",
         local_path=str(folder),
     )
+    _check_runs(arch, where)
+    return arch
+
+
+def _check_runs(arch: Architecture, where: str) -> None:
+    """Build two layers of `arch` on the meta device and run 8 tokens through them, so that a value transformers
+    accepts but cannot use (an unknown hidden_act, a pad_token_id past the vocabulary, a sliding_window that is
+    text) is one PeftpickError naming the file, not a failure later blamed on a method."""
+    import warnings
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from peftpick.estimator.tracer import MetaValues
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_model(arch, device="meta", num_layers=min(arch.num_layers, 2))
+            with torch.no_grad(), MetaValues(lambda shape: math.prod(shape)):
+                model(input_ids=torch.zeros((1, 8), dtype=torch.long, device="meta"))
+    except PeftpickError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever transformers raises for a value it cannot use
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
+        raise PeftpickError(f"{where} describes a model transformers cannot build or run ({reason})",
+                            "use the model's original config.json") from None
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _suggestion_list(registry: Registry, limit: int = 5) -> str:
@@ -413,31 +548,63 @@ def _read_hub_config(hub_id: str, registry: Registry) -> Architecture:
     )
 
 
-def _architecture_from_entry(entry: RegistryEntry) -> Architecture:
+def _architecture_from_entry(entry: RegistryEntry, cache: Any = None) -> Architecture:
+    """The architecture of a bundled entry, built by transformers from its figures. `cache` (a disk_cache.JsonTable)
+    keeps the result, so that a later run resolves the name without importing transformers."""
+    if cache is not None:
+        key, parts = cache.key({"entry": {"name": entry.name, "hub_id": entry.hub_id, "config": dict(entry.config),
+                                          "source_url": entry.source_url}, "layout": 1})
+        stored = cache.get(key)
+        if isinstance(stored, dict) and stored.get("denoiser") is None:
+            with contextlib.suppress(TypeError):
+                return Architecture(**stored)
     from transformers import AutoConfig
 
-    settings = dict(entry.config)
+    # a deep copy: transformers rewrites nested settings (rope parameters) in place, which would change the entry
+    settings = copy.deepcopy(dict(entry.config))
     config = AutoConfig.for_model(settings.pop("model_type"), **settings)
-    return architecture_from_config(
+    arch = architecture_from_config(
         config,
         name=entry.name,
         source=f"bundled registry (source: {entry.source_url})",
         hub_id=entry.hub_id,
     )
+    if cache is not None:
+        # this run gets what the next run will read back (JSON turns id2label's int keys into text, which
+        # transformers turns back), so both trace and key the same architecture
+        stored = json.loads(json.dumps(dataclasses.asdict(with_facts(arch))))
+        cache.put(key, stored, parts, entry.name)
+        arch = Architecture(**stored)
+    return arch
+
+
+def with_facts(arch: Architecture) -> Architecture:
+    """`arch` with its facts worked out (one meta-device build each): the parameter count, the first decoder
+    layer's linear modules and its fused expert weights, in the JSON form they are cached in."""
+    from peftpick.knowledge.targets import decoder_layer_modules, expert_parameters
+
+    facts = {"parameter_count": count_parameters(arch),
+             "layer_modules": [dataclasses.asdict(module) for module in decoder_layer_modules(arch)],
+             "expert_parameters": [dataclasses.asdict(parameter) for parameter in expert_parameters(arch)]}
+    return dataclasses.replace(arch, facts=facts)
 
 
 def _looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.endswith(".json") or text.count("/") >= 2 or "\\" in text
 
 
-def resolve_model(spec: Any, registry: Registry | None = None) -> Architecture:
+def resolve_model(spec: Any, registry: Registry | None = None, cache: Any = None) -> Architecture:
     """Architecture for `spec`: a bundled name/alias/hub id, a local folder or config.json, a PretrainedConfig, a
     loaded PreTrainedModel (its config), or a hub id read with `transformers.AutoConfig.from_pretrained`.
+    `cache`: a disk_cache.JsonTable for bundled names (see _architecture_from_entry); default: the registry's.
 
     Raises PeftpickError (problem; fix) for unknown names (with the closest bundled names), unreadable or
     malformed config files, hub failures and non-causal-LM architectures.
     """
-    from transformers import PretrainedConfig, PreTrainedModel
+    if isinstance(spec, (str, os.PathLike)):  # transformers (and torch under it) is imported only if needed
+        PretrainedConfig = PreTrainedModel = ()
+    else:
+        from transformers import PretrainedConfig, PreTrainedModel
 
     if isinstance(spec, PreTrainedModel) or (hasattr(spec, "get_base_model")
                                              and isinstance(spec.get_base_model(), PreTrainedModel)):
@@ -478,7 +645,7 @@ def resolve_model(spec: Any, registry: Registry | None = None) -> Architecture:
     registry = registry if registry is not None else load_registry()
     entry = registry.lookup(text)
     if entry is not None:
-        return _architecture_from_entry(entry)
+        return _architecture_from_entry(entry, cache if cache is not None else registry.cache)
     if _HUB_ID.match(text) and not text.startswith((".", "~")):
         return _read_hub_config(text, registry)
     if _looks_like_path(text):
@@ -620,5 +787,7 @@ def _skip_init_on_meta(on_meta: bool) -> Any:
 
 def count_parameters(arch: Architecture) -> int:
     """Parameters of the full model (tied embeddings counted once), from a meta-device build."""
+    if "parameter_count" in arch.facts:
+        return int(arch.facts["parameter_count"])
     model = build_model(arch, device="meta")
     return sum(parameter.numel() for parameter in model.parameters())

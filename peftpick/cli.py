@@ -119,7 +119,7 @@ def _version_callback(value: bool) -> None:
 
 _RECOMMEND_OPTIONS = ("model", "vram", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size",
                       "methods", "json_output", "report", "probe", "probe_steps", "data", "resolution", "frames",
-                      "cached_inputs", "loss", "trainer", "emit", "packing")
+                      "cached_inputs", "loss", "trainer", "emit", "packing", "no_cache")
 
 
 @app.callback(invoke_without_command=True)
@@ -152,7 +152,7 @@ def recommend_command(
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print the recommendation as JSON (schema_version 1) and nothing else on stdout.")] = False,
     report: Annotated[Optional[Path], typer.Option(
-        "--report", help="Also write the report to FILE: .md (Markdown) or .html (with a Pareto plot).",
+        "--report", help="Also write the report to FILE: .md (Markdown) or .html (with pictures).",
         metavar="FILE", show_default=False)] = None,
     probe: Annotated[Optional[bool], typer.Option(
         "--probe/--no-probe", help="Micro-train the top 8 candidates first to measure memory, speed and loss "
@@ -187,6 +187,9 @@ def recommend_command(
     trainer: Annotated[str, typer.Option(
         "--trainer", help="Language models: the training loop the estimates model, plain, hf (transformers' Trainer) "
         "or trl (TRL's SFTTrainer).")] = "plain",
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Estimate and probe again: neither read nor write the caches ($PEFTPICK_CACHE_DIR, "
+        "else ~/.cache/peftpick).")] = False,
     version: Annotated[bool, typer.Option(
         "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True)] = False,
 ) -> None:
@@ -232,7 +235,8 @@ def recommend_command(
         extra.update(probe=probe, probe_steps=probe_steps, data=data)
         for name, value, default in (("resolution", resolution, None), ("frames", frames, None),
                                      ("cached_inputs", cached_inputs, True), ("loss", loss, None),
-                                     ("trainer", trainer, "plain"), ("packing", packing, False)):
+                                     ("trainer", trainer, "plain"), ("packing", packing, False),
+                                     ("cache", not no_cache, True)):
             if value != default:
                 extra[name] = value
         if _accepts(recommend, "workers"):

@@ -136,6 +136,9 @@ class Architecture:
     local_path: str | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     denoiser: Denoiser | None = None  # set for diffusion denoisers
+    # What a meta-device build of the config tells (knowledge.architectures.with_facts), worked out once
+    # and kept with the cached architecture, so that a later run needs no build (and no torch); {} = not yet known.
+    facts: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def workload(self) -> Workload:
@@ -186,6 +189,8 @@ class Candidate:
     optimizer: str = "adamw"  # the method's own optimizer: "adamw", or "lora-fa" for LoRA-FA
     benchmark_run: str | None = None  # experiment the settings were taken from
     notes: tuple[str, ...] = ()
+    # the installed PEFT config class's defaults that are plain literals (what the report's snippet leaves out)
+    peft_defaults: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     task_type: str | None = "CAUSAL_LM"  # PEFT's task type; None for a bare module (a diffusers denoiser)
 
     def peft_config(self):
@@ -381,6 +386,13 @@ class RankedCandidate:
         from peftpick.report.trainer_config import sft_config
 
         return sft_config(self, output_dir, **overrides)
+
+    def trainer_optimizers(self, model):
+        """The Trainer's `optimizers=` pair for this plan on the PeftModel `model` (LoRA-FA's own optimizer, else
+        (None, None)); peftpick.report.trainer_config."""
+        from peftpick.report.trainer_config import trainer_optimizers
+
+        return trainer_optimizers(self, model)
 
     @property
     def method(self) -> str:

@@ -1,4 +1,4 @@
-"""Probe results on disk: one sqlite file under the user's cache folder.
+"""Probe results on disk: one sqlite file under the user's cache folder (peftpick.disk_cache).
 
 A row is keyed by everything that can change a measurement: the model's identity (where it comes from and a hash
 of its config), the method's configuration, the training setting, the data, the number of steps, the device
@@ -10,39 +10,31 @@ damaged file. Every write is one transaction, so an interrupted run leaves whole
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from peftpick.disk_cache import cache_folder, cache_key, open_checked
 from peftpick.probes.results import RESULT_SCHEMA_VERSION, result_from_dict, result_to_dict
 from peftpick.types import ProbeResult
 
+__all__ = ["CACHE_FILE_NAME", "ProbeCache", "ProbeWarning", "cache_key", "default_cache_path"]
+
 CACHE_FILE_NAME = "probes.sqlite"
-CACHE_DIR_ENV = "PEFTPICK_CACHE_DIR"
 # sqlite's user_version: a file with another layout is moved aside rather than migrated (it only holds a cache).
 LAYOUT_VERSION = 1
+_COLUMNS = ("key TEXT PRIMARY KEY, created REAL NOT NULL, method TEXT NOT NULL, device TEXT NOT NULL, "
+            "parts TEXT NOT NULL, result TEXT NOT NULL")
 
 Warn = Callable[[str], None]
 
 
 def default_cache_path() -> Path:
     """$PEFTPICK_CACHE_DIR/probes.sqlite, else $XDG_CACHE_HOME/peftpick/..., else ~/.cache/peftpick/..."""
-    folder = os.environ.get(CACHE_DIR_ENV)
-    if folder:
-        return Path(folder).expanduser() / CACHE_FILE_NAME
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "peftpick" / CACHE_FILE_NAME
-
-
-def cache_key(parts: Mapping[str, Any]) -> str:
-    """A stable digest of `parts` (canonical JSON; values JSON cannot hold are written with repr)."""
-    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return cache_folder() / CACHE_FILE_NAME
 
 
 class ProbeCache:
@@ -58,14 +50,9 @@ class ProbeCache:
         """Open (or create) the cache at `path`; a damaged file is moved aside and replaced."""
         path = Path(path) if path is not None else default_cache_path()
         warn = warn or _warn
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            return cls(path, _connect_checked(path), warn)
-        except (sqlite3.DatabaseError, _WrongLayout) as error:
-            aside = _move_aside(path)
-            warn(f"the probe cache {path} is damaged or not peftpick's ({error}); moved it to {aside.name} and "
-                 "started a new one, so earlier probes will run again")
-            return cls(path, _connect_checked(path), warn)
+        connection = open_checked(path, {"probes": _COLUMNS}, LAYOUT_VERSION, "probe",
+                                  "earlier probes will run again", warn)
+        return cls(path, connection, warn)
 
     def get(self, key: str) -> ProbeResult | None:
         """The cached result for `key`, marked from_cache; None when absent or unreadable (the row is dropped)."""
@@ -110,47 +97,6 @@ class ProbeCache:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-class _WrongLayout(Exception):
-    pass
-
-
-def _connect_checked(path: Path) -> sqlite3.Connection:
-    """A connection to `path`, after sqlite's quick integrity check and a layout check; creates the table."""
-    connection = sqlite3.connect(path, timeout=30)
-    try:
-        verdict = connection.execute("PRAGMA quick_check").fetchone()
-        if verdict is None or verdict[0] != "ok":
-            raise sqlite3.DatabaseError(f"integrity check: {verdict[0] if verdict else 'no answer'}")
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if tables and (version != LAYOUT_VERSION or "probes" not in tables):
-            raise _WrongLayout(f"layout {version}, tables {', '.join(sorted(tables))}")
-        with connection:
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS probes (key TEXT PRIMARY KEY, created REAL NOT NULL, method TEXT NOT NULL, "
-                "device TEXT NOT NULL, parts TEXT NOT NULL, result TEXT NOT NULL)")
-            connection.execute(f"PRAGMA user_version = {LAYOUT_VERSION}")
-    except BaseException:
-        connection.close()
-        raise
-    return connection
-
-
-def _move_aside(path: Path) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = path.with_name(f"{path.name}.damaged-{stamp}")
-    counter = 1
-    while aside.exists():
-        counter += 1
-        aside = path.with_name(f"{path.name}.damaged-{stamp}-{counter}")
-    os.replace(path, aside)
-    for suffix in ("-journal", "-wal", "-shm"):  # sqlite's side files belong to the damaged database
-        side = path.with_name(path.name + suffix)
-        if side.exists():
-            os.replace(side, aside.with_name(aside.name + suffix))
-    return aside
 
 
 class ProbeWarning(UserWarning):

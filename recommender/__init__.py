@@ -7,6 +7,7 @@ base, the VRAM: `planning.py` finds settings that fit), then rank the rest (`ran
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -66,6 +67,7 @@ def recommend(
     loss: str | None = None,
     trainer: str = "plain",
     packing: bool = False,
+    cache: bool = True,
 ) -> Recommendation:
     """Rank PEFT methods for training `model` on a GPU with `vram_gb` GiB and serving on `serve`.
 
@@ -91,6 +93,8 @@ def recommend(
     data (language models): also the length distribution the estimates use, tokenized with the model's
         tokenizer when this machine has it: batches padded to their longest example, so the peak is set by the
         longest (up to seq_len). packing: the examples are packed into full rows of seq_len tokens instead.
+    cache: read and write the estimate and probe caches ($PEFTPICK_CACHE_DIR, else ~/.cache/peftpick): an
+        estimate already made for the same model, method, shape and library versions is not traced again.
     """
     request = validate_request(model, vram_gb, serve, multi_adapter, quant, goal, seq_len, batch_size, resolution,
                                frames, cached_inputs, loss, trainer)
@@ -103,9 +107,21 @@ def recommend(
         raise PeftpickError("--packing packs the examples of --data into full rows, and no --data was given",
                             "pass --data FILE with --packing, or drop --packing")
     request = dataclasses.replace(request, packing=bool(packing))
-    probing = ProbeRequest(probe, probe_steps, probe_top, data, probe_device)
-    with WorkerPool(workers or 1) as pool:
-        return _recommend(request, model, methods, kb, progress, pool, probing)
+    probing = ProbeRequest(probe, probe_steps, probe_top, data, probe_device, bool(cache))
+    with WorkerPool(workers or 1) as pool, _estimate_cache(cache) as estimates:
+        return _recommend(request, model, methods, kb, progress, pool, probing, estimates)
+
+
+@contextlib.contextmanager
+def _estimate_cache(wanted: bool):
+    """The open estimate cache, or None when not wanted."""
+    if not wanted:
+        yield None
+        return
+    from peftpick.estimator.cache import EstimateCache
+
+    with EstimateCache.open() as estimates:
+        yield estimates
 
 
 @dataclass(frozen=True)
@@ -117,10 +133,11 @@ class ProbeRequest:
     top: int = PROBE_TOP
     data: Any = None
     device: str | None = None
+    cache: bool = True
 
 
 def _recommend(request: Request, model: Any, methods, kb, progress, pool: WorkerPool,
-               probing: ProbeRequest = ProbeRequest(False)) -> Recommendation:
+               probing: ProbeRequest = ProbeRequest(False), estimates: Any = None) -> Recommendation:
     from peftpick.knowledge import KnowledgeBase
     from peftpick.knowledge.architectures import resolve_model
     from peftpick.methods import candidates_for
@@ -129,6 +146,8 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
     say = progress or (lambda _message: None)
     kb = kb or KnowledgeBase.load()
     say(f"resolving {request.model}")
+    if estimates is not None:  # bundled names resolve without transformers once resolved before
+        kb = dataclasses.replace(kb, architectures=kb.architectures.with_cache(estimates.architectures))
     arch = resolve_model(model, kb.architectures)
     request = validate_for_model(request, arch)
     workload = workload_of(arch)
@@ -148,7 +167,8 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
                                loss="chunked" if trl else (request.loss or LossKernel.STOCK).value,
                                **({"dtype": arch.dtype} if arch.denoiser is not None else {}))
     planner = Planner(arch, request.vram_gib, request.batch_size, seq_len, request.quant,
-                      base_shape=base_shape, loss_lever=request.loss is None and not trl and _liger_patches(arch))
+                      base_shape=base_shape, loss_lever=request.loss is None and not trl and _liger_patches(arch),
+                      cache=estimates)
     serving = _ServingJudge(kb, request, arch)
     allowed = []
     for candidate in candidates:
@@ -271,7 +291,7 @@ def _run_probes(arch, shortlist: list[Assessed], request: Request, probing: Prob
         random_weights = True  # memory and speed are the same; losses from random weights say nothing of quality
     options = ProbeOptions(steps=probing.steps, batch_size=request.batch_size, seq_len=request.seq_len,
                            random_weights=random_weights, device=probing.device, data=probing.data,
-                           resolution=request.resolution, frames=request.frames)
+                           resolution=request.resolution, frames=request.frames, cache=probing.cache)
     shapes = {item.candidate.method: item.plan for item in shortlist}
     results = run_probes(arch, [item.candidate for item in shortlist], shapes, options,
                          progress=progress if progress is not None else False)
@@ -426,7 +446,7 @@ def _constraint_violation(candidate: Candidate, request: Request, kb,
 def _liger_patches(arch) -> bool:
     if arch.denoiser is not None:
         return False
-    from peftpick.estimator.losses import liger_model_types
+    from peftpick.estimator.liger_models import liger_model_types
 
     return arch.model_type in liger_model_types()[0]
 

@@ -63,11 +63,13 @@ class Planner:
 
     def __init__(self, arch: Architecture, vram_gib: float, batch_size: int, seq_len: int, quant: Quant,
                  estimator: Estimator | None = None, base_shape: TrainingShape | None = None,
-                 loss_lever: bool = False):
+                 loss_lever: bool = False, cache: Any = None):
         """`base_shape`: what every planned setting keeps (a denoiser's resolution, frames, cached inputs, the
         dtype, the loop); the planner sets micro-batch, accumulation, checkpointing and the optimizer.
         `loss_lever`: the planner may switch the stock loss to Liger's fused cross-entropy, which drops the full
-        logits at no cost in quality or speed, when the stock loss does not fit without checkpointing."""
+        logits at no cost in quality or speed, when the stock loss does not fit without checkpointing.
+        `cache`: an open estimator.cache.EstimateCache; estimates are read from it before tracing and written to
+        it after (only with the default estimator: another one's figures are not the tracer's)."""
         self.arch = arch
         self.vram_gib = vram_gib
         self.batch_size = batch_size
@@ -76,6 +78,9 @@ class Planner:
         self._estimator = estimator or _default_estimator
         self._base_shape = base_shape or TrainingShape(seq_len=seq_len)
         self._estimates: dict[tuple, MemoryEstimate | PeftpickError] = {}
+        self._cache = cache if estimator is None else None
+        self._disk_keys: dict[tuple, tuple[str, dict]] = {}  # planner key -> (cache row key, its parts)
+        self.cached_estimates = 0  # how many estimates came from the cache
         self._loss_lever = loss_lever
         self.loss_saving_bytes: int | None = None  # what Liger saved plain LoRA, once the lever is pulled
 
@@ -204,6 +209,23 @@ class Planner:
             return True, None
         return fit_of(plain, self.vram_gib) == "fits", plain.peak_reserved_bytes - checkpointed.peak_reserved_bytes
 
+    def _from_disk(self, key: tuple, shape: TrainingShape) -> MemoryEstimate | PeftpickError | None:
+        """The cached outcome for planner key `key` (estimated at `shape`), or None (then remembered for `_to_disk`)."""
+        if self._cache is None:
+            return None
+        row_key, parts = self._cache.key(self.arch, key[0], shape)
+        outcome = self._cache.get(row_key)
+        if outcome is None:
+            self._disk_keys[key] = (row_key, parts)
+        else:
+            self.cached_estimates += 1
+        return outcome
+
+    def _to_disk(self, key: tuple, outcome: MemoryEstimate | PeftpickError) -> None:
+        if self._cache is not None and key in self._disk_keys:
+            row_key, parts = self._disk_keys.pop(key)
+            self._cache.put(row_key, outcome, parts, self.arch.name)
+
     def _known(self, key: tuple, candidate: Candidate, micro: int, ckpt: bool) -> MemoryEstimate | PeftpickError:
         known = self._estimates[key]
         return known if isinstance(known, PeftpickError) else dataclasses.replace(
@@ -236,8 +258,13 @@ class _Scheduler:
         elif key in self.waiting:
             self.waiting[key].append((candidate, micro, ckpt))
         else:
-            self.waiting[key] = [(candidate, micro, ckpt)]
             shape = planner._shape(candidate, micro, ckpt, key[-1])
+            cached = planner._from_disk(key, shape)
+            if cached is not None:  # no trace, and no PEFT config built (nothing imports torch)
+                planner._estimates[key] = cached
+                self.ready.append((candidate, micro, ckpt, planner._known(key, candidate, micro, ckpt)))
+                return
+            self.waiting[key] = [(candidate, micro, ckpt)]
             label = f"{candidate.display_name}, micro-batch {micro}{', checkpointing' if ckpt else ''}"
             self.pool.submit(planner._estimator, (planner.arch, _traceable_config(candidate), shape), label, key,
                              first)
@@ -252,6 +279,7 @@ class _Scheduler:
                 continue
             key, outcome = self.pool.next_completed(self.progress)
             planner._estimates[key] = outcome
+            planner._to_disk(key, outcome)
             for candidate, micro, ckpt in self.waiting.pop(key):
                 self.ready.append((candidate, micro, ckpt, planner._known(key, candidate, micro, ckpt)))
 

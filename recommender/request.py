@@ -155,7 +155,7 @@ def validate_for_model(request: Request, arch) -> Request:
 
         check_seq_len(arch, request.seq_len)
         if request.loss is LossKernel.LIGER:
-            from peftpick.estimator.losses import liger_model_types
+            from peftpick.estimator.liger_models import liger_model_types
 
             types, source = liger_model_types()
             if arch.model_type not in types:

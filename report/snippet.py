@@ -50,10 +50,11 @@ def python_literal(value: Any) -> str:
     return text
 
 
-def _config_call(class_name: str, kwargs: Mapping[str, Any]) -> list[str]:
-    """The config's constructor call with the settings that differ from the class's own defaults."""
+def _config_call(class_name: str, kwargs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """The config's constructor call with the settings that differ from the class's own defaults (`defaults`: the
+    candidate's, read with it; None: from the installed PEFT)."""
     lines = [f"peft_config = {class_name}(", f"    task_type={python_literal(_TASK_TYPE)},"]
-    defaults = _defaults(class_name)
+    defaults = _defaults(class_name) if defaults is None else defaults
     lines += [f"    {key}={python_literal(value)}," for key, value in kwargs.items()
               if key != "task_type" and not (key in defaults and _same(defaults[key], value))]
     lines.append(")")
@@ -172,7 +173,7 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
         ADAPTER_SECTION,
     ]
     if is_peft:
-        lines += _config_call(candidate.peft_config_class, candidate.peft_kwargs)
+        lines += _config_call(candidate.peft_config_class, candidate.peft_kwargs, candidate.peft_defaults or None)
     else:
         lines.append("# full fine-tuning: no PEFT config, every weight of the model trains")
     if candidate.benchmark_run:

@@ -1,11 +1,31 @@
-"""Shared fixtures: a tiny random Llama saved as a model folder, and the real SmolLM2-135M weights."""
+"""Shared fixtures: a tiny random Llama saved as a model folder, and the real SmolLM2-135M weights.
+
+Caches: no test reads or writes the user's cache folder. Each test gets an empty one of its own (an estimate one
+test cached must not stand in for a trace another test checks); fixtures made once per module or session share a
+folder of the session's.
+"""
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+_SESSION_CACHE = Path(tempfile.mkdtemp(prefix="peftpick-test-cache-"))
+os.environ["PEFTPICK_CACHE_DIR"] = str(_SESSION_CACHE / "shared")
+atexit.register(shutil.rmtree, _SESSION_CACHE, True)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_folder(request, monkeypatch):
+    name = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    monkeypatch.setenv("PEFTPICK_CACHE_DIR", str(_SESSION_CACHE / name))
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
