@@ -40,6 +40,7 @@ class _Point:
     lengthened: bool
     optimizer_state: int = 0  # bytes of the optimizer's state after its first step
     paged_state: int = 0  # of which in CUDA unified memory (bitsandbytes' paged optimizers)
+    layout: dict | None = None  # estimator.sharding.ParameterLayout's JSON form
 
 
 def estimate(
@@ -116,6 +117,7 @@ def estimate_architecture(arch: Architecture, peft_config: Any, shape: TrainingS
         adapter_file_bytes=point.saved_bytes,
         shape=shape,
         assumptions=_assumptions(arch, shape, point.lengthened, point) + stand_in_notes(peft_config),
+        layout=point.layout or {},
     )
 
 
@@ -267,9 +269,15 @@ def _trace_point(arch: Architecture, peft_config: Any, shape: TrainingShape, exa
         per_unit = counts[kind]
         return sum(per_unit.values()) + extra * per_unit.get(TEMPLATE_UNIT, 0)
 
+    from peftpick.estimator.sharding import ParameterLayout
+
+    template = range(TEMPLATE_UNIT * period, (TEMPLATE_UNIT + 1) * period)
+    layout = ParameterLayout.from_traced(counts["layout"], repeated=template, extra_copies=extra)
     return _Point(result.peak_allocated, result.peak_reserved, result.breakdown, total("trainable"),
                   total("total"), total("saved_bytes"), result.peak_phase, lengthened,
-                  total("optimizer_state"), total("paged_state"))
+                  total("optimizer_state"), total("paged_state"),
+                  {**layout.to_json(), "optimizer_state": total("optimizer_state"),
+                   "layer_class": counts["layout"].get("layer_class", "")})
 
 
 def _traced(arch: Architecture, program: Any, period: int):

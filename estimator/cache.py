@@ -28,7 +28,7 @@ from peftpick.types import Architecture, MemoryEstimate, TrainingShape
 CACHE_FILE_NAME = "estimates.sqlite"
 LAYOUT_VERSION = 1
 # the stored outcome's own format; a row of another format is dropped and traced again
-OUTCOME_FORMAT = 1
+OUTCOME_FORMAT = 2  # 2: estimates carry their parameter layout (multi-GPU plans)
 
 Warn = Callable[[str], None]
 Outcome = MemoryEstimate | PeftpickError

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -122,6 +123,7 @@ def trace_training(program: TrainingProgram, period: int = 1) -> tuple[Trace, di
         trainable = [p for p in model.parameters() if p.requires_grad]
         unit_of = _attribute_layers(model, tracker, period)
         counts: dict[str, dict[int | None, int]] = {"trainable": {}, "total": {}, "saved_bytes": {}}
+        counts["layout"] = parameter_shapes(model)
         for p in model.parameters():
             unit = unit_of.get(id(p))
             counts["total"][unit] = counts["total"].get(unit, 0) + _weights_held(p)
@@ -339,6 +341,20 @@ def _saved_tensors(model, full: bool, trainable: list[torch.Tensor]) -> list[tup
         # Prompt-learning methods compute the saved embedding by running the prompt encoder on the CPU,
         # which meta tensors cannot do; what they save is exactly their trainable parameters.
         return [("", t) for t in trainable]
+
+
+def parameter_shapes(model) -> dict[str | int, Any]:
+    """[rows (dim 0), elements per row, bytes per element, trainable] of every parameter, keyed by decoder layer
+    index ("root": outside the layers; "layer_class": the layers' class name), each parameter once (tied weights are one). FSDP2 wraps each decoder
+    layer and the root, and shards every parameter along dim 0 (estimator.sharding)."""
+    layers = _decoder_layers(model)
+    layer_of = {id(p): index for index, layer in enumerate(layers or ()) for p in layer.parameters()}
+    shapes: dict[str | int, Any] = {"root": [], "layer_class": type(layers[0]).__name__ if layers else ""}
+    for p in model.parameters():  # yields a tied parameter once
+        rows = p.shape[0] if p.dim() else 1
+        entry = [int(rows), int(p.numel() // max(rows, 1)), int(p.element_size()), int(p.requires_grad)]
+        shapes.setdefault(layer_of.get(id(p), "root"), []).append(entry)
+    return shapes
 
 
 def _decoder_layers_name(model) -> str | None:
