@@ -2,6 +2,7 @@
 
 from peftpick.errors import PeftpickError
 from peftpick.types import (
+    Alternative,
     Architecture,
     BenchmarkEvidence,
     Candidate,
@@ -15,6 +16,7 @@ from peftpick.types import (
     Request,
     Serve,
     ServingVerdict,
+    Strategy,
     TrainingPlan,
     TrainingShape,
 )
@@ -44,6 +46,7 @@ def estimate(model, adapter="lora", **kwargs) -> MemoryEstimate:
     return _estimate(model, adapter, **kwargs)
 
 __all__ = [
+    "Alternative",
     "Architecture",
     "BenchmarkEvidence",
     "Candidate",
@@ -56,6 +59,7 @@ __all__ = [
     "RankedCandidate",
     "Recommendation",
     "Request",
+    "Strategy",
     "estimate",
     "probe",
     "recommend",

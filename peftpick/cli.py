@@ -24,7 +24,7 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 
 from peftpick.errors import PeftpickError
-from peftpick.types import Goal, Quant, Serve
+from peftpick.types import Goal, Quant, Serve, Strategy
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -119,7 +119,7 @@ def _version_callback(value: bool) -> None:
 
 _RECOMMEND_OPTIONS = ("model", "vram", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size",
                       "methods", "json_output", "report", "probe", "probe_steps", "data", "resolution", "frames",
-                      "cached_inputs", "loss", "trainer", "emit", "packing", "no_cache")
+                      "cached_inputs", "loss", "trainer", "emit", "packing", "no_cache", "gpus", "strategy")
 
 
 @app.callback(invoke_without_command=True)
@@ -190,6 +190,11 @@ def recommend_command(
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Estimate and probe again: neither read nor write the caches ($PEFTPICK_CACHE_DIR, "
         "else ~/.cache/peftpick).")] = False,
+    gpus: Annotated[int, typer.Option(
+        "--gpus", help="GPUs on the node, each with --vram GiB; figures are then per GPU.")] = 1,
+    strategy: Annotated[str, typer.Option(
+        "--strategy", help=f"How training spreads over the GPUs: {_names(Strategy)} (auto: the cheapest that "
+        "fits, no sharding when one GPU is enough).")] = Strategy.AUTO.value,
     version: Annotated[bool, typer.Option(
         "--version", help="Print the version and exit.", callback=_version_callback, is_eager=True)] = False,
 ) -> None:
@@ -217,6 +222,9 @@ def recommend_command(
         serve = _choice(serve, Serve, "--serve") if serve is not None else None
         quant = _choice(quant, Quant, "--quant")
         goal = _choice(goal, Goal, "--goal")
+        from peftpick.recommender.request import validate_gpus
+
+        validate_gpus(gpus, strategy, quant)  # before the long part
         if report is not None:
             from peftpick.report.files import report_format
 
@@ -236,7 +244,8 @@ def recommend_command(
         for name, value, default in (("resolution", resolution, None), ("frames", frames, None),
                                      ("cached_inputs", cached_inputs, True), ("loss", loss, None),
                                      ("trainer", trainer, "plain"), ("packing", packing, False),
-                                     ("cache", not no_cache, True)):
+                                     ("cache", not no_cache, True), ("gpus", gpus, 1),
+                                     ("strategy", strategy, Strategy.AUTO.value)):
             if value != default:
                 extra[name] = value
         if _accepts(recommend, "workers"):
@@ -306,11 +315,26 @@ def estimate_command(
         "SFTTrainer).")] = "plain",
     exact: Annotated[bool, typer.Option(
         "--exact", help="Trace every layer instead of repeating a few (slower, same peaks).")] = False,
+    gpus: Annotated[int, typer.Option(
+        "--gpus", help="GPUs the run is spread over; the figures are then per GPU (--batch-size is per GPU).")] = 1,
+    strategy: Annotated[str, typer.Option(
+        "--strategy", help="With --gpus: ddp, fsdp2, zero2, zero3 or their -offload variants.")] = "single",
     json_output: Annotated[bool, typer.Option(
         "--json", help="Print JSON (peak_allocated_bytes, peak_reserved_bytes, breakdown, ...) only.")] = False,
 ) -> None:
     """Estimate peak GPU memory of one training setting, without a GPU."""
     with _handled_errors():
+        from peftpick.recommender.request import validate_gpus
+        from peftpick.types import Strategy as _Strategy
+
+        sharding = {"gpus": 1, "strategy": _Strategy.SINGLE}
+        if gpus != 1 or strategy != _Strategy.SINGLE.value:
+            if gpus > 1 and strategy == _Strategy.SINGLE.value:
+                raise PeftpickError("--gpus needs a --strategy for the estimate", "pass e.g. --strategy fsdp2")
+            sharding = validate_gpus(gpus, strategy, quant)
+            if sharding["strategy"] is _Strategy.AUTO:
+                raise PeftpickError("the estimate needs a named --strategy",
+                                    "pass e.g. --strategy fsdp2 (peftpick --gpus N chooses one for you)")
         adapter = _adapter_choice(adapter_config, method, rank, targets)
         target_list = [name.strip() for name in targets.split(",") if name.strip()] if targets else None
         from peftpick.estimator import estimate
@@ -320,6 +344,11 @@ def estimate_command(
                               gradient_checkpointing=grad_ckpt, optimizer=optimizer, dtype=dtype, rank=rank,
                               targets=target_list, quant=quant, loss=loss, trainer=trainer,
                               **({"exact": True} if exact else {}))
+            if sharding["strategy"] is not _Strategy.SINGLE:
+                from peftpick.estimator.sharding import per_gpu
+                from peftpick.knowledge.architectures import resolve_model
+
+                result = per_gpu(result, resolve_model(model), sharding["gpus"], sharding["strategy"])
 
         from peftpick.report import estimate_to_dict
 

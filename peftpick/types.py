@@ -72,6 +72,20 @@ class Trainer(str, Enum):
     TRL = "trl"  # TRL's SFTTrainer
 
 
+class Strategy(str, Enum):
+    """How training is spread over several GPUs (estimator.sharding says what each holds per GPU)."""
+
+    AUTO = "auto"  # the cheapest that fits, no sharding when one GPU is enough
+    SINGLE = "single"  # one GPU, one process
+    DDP = "ddp"  # torch DistributedDataParallel: everything replicated, gradients all-reduced
+    FSDP2 = "fsdp2"  # torch fully_shard per decoder layer and the root: parameters, gradients, optimizer sharded
+    FSDP2_OFFLOAD = "fsdp2-offload"  # FSDP2 with CPUOffloadPolicy: the shards live in host memory
+    ZERO2 = "zero2"  # DeepSpeed ZeRO stage 2: gradients and optimizer state partitioned
+    ZERO2_OFFLOAD = "zero2-offload"  # ZeRO-2 with the optimizer (and its step) on the CPU
+    ZERO3 = "zero3"  # DeepSpeed ZeRO stage 3: parameters partitioned too
+    ZERO3_OFFLOAD = "zero3-offload"  # ZeRO-3 with parameters and optimizer in host memory
+
+
 class Goal(str, Enum):
     """What the ranking favours among candidates that pass every hard constraint."""
 
@@ -224,6 +238,15 @@ class MemoryEstimate:
     adapter_file_bytes: int | None = None  # what save_pretrained writes (the whole model for full fine-tuning)
     assumptions: tuple[str, ...] = ()
     source: str = "estimated"  # or "measured on <GPU>"
+    # the traced model's parameter shapes by FSDP unit (estimator.sharding.ParameterLayout's JSON form), from
+    # which per-GPU figures of sharded strategies follow; {} when not traced
+    layout: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    gpus: int = 1  # the figures are per GPU of a run over this many
+    strategy: str = "single"  # a Strategy value
+    host_bytes: int = 0  # host (CPU) memory the strategy keeps per node: offloaded shards and optimizer state
+    # what one GPU holds of the training state once every gradient exists: "parameters", "gradients",
+    # "optimizer state" (bytes); {} on one GPU
+    rank_state: dict[str, int] = field(default_factory=dict, compare=False)
 
     @property
     def peak_allocated_gib(self) -> float:
@@ -335,6 +358,14 @@ class TrainingPlan:
     # what the loss kernel saved against the stock loss (bytes reserved, measured on plain LoRA), when it was picked
     loss_saving_bytes: int | None = None
 
+    @property
+    def gpus(self) -> int:
+        return self.estimate.gpus
+
+    @property
+    def strategy(self) -> str:
+        return self.estimate.strategy
+
 
 @dataclass(frozen=True)
 class QualityPrediction:
@@ -438,6 +469,19 @@ class Request:
     loss: LossKernel | None = None  # None: stock, or Liger's fused cross-entropy where it is needed to fit
     trainer: Trainer = Trainer.PLAIN
     packing: bool = False  # examples packed into rows of seq_len tokens (needs the data)
+    gpus: int = 1  # GPUs of `vram_gib` each on one node
+    strategy: Strategy = Strategy.AUTO
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """Another way to train the same model, planned beside the ranking (the single-GPU QLoRA plan beside a
+    multi-GPU one), and which of the two is cheaper."""
+
+    label: str  # "QLoRA on 1 GPU"
+    candidate: Candidate
+    plan: TrainingPlan
+    comparison: str  # one sentence: which is cheaper, in GPUs and memory
 
 
 @dataclass(frozen=True)
@@ -455,6 +499,7 @@ class Recommendation:
     lengths: LengthProfile | None = None  # the user's data, when given and the tokenizer is on this machine
     uncertainty: tuple[str, ...] = ()  # which top candidates the evidence cannot order, and what would settle it
     probes: tuple[ProbeResult, ...] = ()  # every probe run for this recommendation (also those later excluded)
+    alternative: Alternative | None = None  # with --gpus > 1: the single-GPU QLoRA plan
 
     @property
     def best(self) -> RankedCandidate | None:

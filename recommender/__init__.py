@@ -17,9 +17,10 @@ from typing import Any
 from peftpick.errors import PeftpickError
 from peftpick.recommender.planning import CONTEXT_RESERVE_BYTES, FIT_HEADROOM, Planner, WorkerPool, fit_of
 from peftpick.recommender.ranking import CHECKPOINTING_SLOWDOWN, GOAL_WEIGHTS, Assessed, quality_of, rank, speed_of
-from peftpick.recommender.request import validate_for_model, validate_request
+from peftpick.recommender.request import deepspeed_installed, strategies_for, validate_for_model, validate_request
 from peftpick.types import (
     GIB,
+    Alternative,
     Candidate,
     Exclusion,
     LengthProfile,
@@ -30,6 +31,7 @@ from peftpick.types import (
     Recommendation,
     Request,
     Serve,
+    Strategy,
     Trainer,
     TrainingPlan,
     TrainingShape,
@@ -68,6 +70,8 @@ def recommend(
     trainer: str = "plain",
     packing: bool = False,
     cache: bool = True,
+    gpus: int = 1,
+    strategy: str = "auto",
 ) -> Recommendation:
     """Rank PEFT methods for training `model` on a GPU with `vram_gb` GiB and serving on `serve`.
 
@@ -93,11 +97,14 @@ def recommend(
     data (language models): also the length distribution the estimates use, tokenized with the model's
         tokenizer when this machine has it: batches padded to their longest example, so the peak is set by the
         longest (up to seq_len). packing: the examples are packed into full rows of seq_len tokens instead.
+    gpus: GPUs of `vram_gb` each on one node; strategy: "auto" (the cheapest that fits: no sharding when one GPU
+        is enough), "ddp", "fsdp2", "zero2", "zero3" or their "-offload" variants. With several GPUs the figures
+        are per GPU, and the single-GPU QLoRA plan is made beside them (`Recommendation.alternative`).
     cache: read and write the estimate and probe caches ($PEFTPICK_CACHE_DIR, else ~/.cache/peftpick): an
         estimate already made for the same model, method, shape and library versions is not traced again.
     """
     request = validate_request(model, vram_gb, serve, multi_adapter, quant, goal, seq_len, batch_size, resolution,
-                               frames, cached_inputs, loss, trainer)
+                               frames, cached_inputs, loss, trainer, gpus, strategy)
     if probe not in (None, True, False):
         raise PeftpickError(f"probe must be True, False or None (automatic), got {probe!r}",
                             "pass probe=False for estimates only")
@@ -166,9 +173,11 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
                                trainer=request.trainer.value,
                                loss="chunked" if trl else (request.loss or LossKernel.STOCK).value,
                                **({"dtype": arch.dtype} if arch.denoiser is not None else {}))
-    planner = Planner(arch, request.vram_gib, request.batch_size, seq_len, request.quant,
+    # several GPUs share the effective batch: each takes its part (at least one sequence)
+    per_gpu_batch = -(-request.batch_size // request.gpus)
+    planner = Planner(arch, request.vram_gib, per_gpu_batch, seq_len, request.quant,
                       base_shape=base_shape, loss_lever=request.loss is None and not trl and _liger_patches(arch),
-                      cache=estimates)
+                      cache=estimates, gpus=request.gpus, strategies=strategies_for(request))
     serving = _ServingJudge(kb, request, arch)
     allowed = []
     for candidate in candidates:
@@ -233,6 +242,7 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
     ranked = rank(assessed, request.goal, request.vram_gib, with_drift=bool(drifts))
     ranked = _with_runner_up_advice(ranked, assessed, request)
     uncertainty = _uncertainty(ranked)
+    alternative = _qlora_alternative(request, arch, candidates, base_shape, seq_len, estimates, pool, ranked, say)
     return Recommendation(
         request=request,
         architecture=arch,
@@ -245,7 +255,38 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
         uncertainty=uncertainty,
         probes=probes,
         lengths=lengths,
+        alternative=alternative,
     )
+
+
+def _qlora_alternative(request: Request, arch, candidates: list[Candidate], base_shape: TrainingShape, seq_len: int,
+                       estimates, pool: WorkerPool, ranked: list[RankedCandidate], say) -> Alternative | None:
+    """With several GPUs and an unquantized base: plain LoRA on one GPU over a 4-bit base (QLoRA), and which of
+    the two plans is cheaper (fewer GPUs first, then the lower peak per GPU)."""
+    lora = next((c for c in candidates if c.method == "lora"), None)
+    if request.gpus == 1 or request.quant is not Quant.NONE or lora is None or arch.denoiser is not None:
+        return None
+    say("planning the single-GPU QLoRA alternative")
+    planner = Planner(arch, request.vram_gib, request.batch_size, seq_len, Quant.INT4,
+                      base_shape=dataclasses.replace(base_shape, quant=Quant.INT4.value), cache=estimates)
+    plan = planner.plan_all([lora], say, pool)[lora.method]
+    if isinstance(plan, PeftpickError):
+        return None
+    qlora_peak = (plan.estimate.peak_reserved_bytes + CONTEXT_RESERVE_BYTES) / GIB
+    best = ranked[0] if ranked else None
+    if plan.fit == "does not fit":
+        comparison = (f"QLoRA does not fit one {request.vram_gib:g} GiB GPU either (about {qlora_peak:.1f} GiB); "
+                      + ("the multi-GPU plan is the way." if best else "neither plan fits."))
+    elif best is None:
+        comparison = (f"QLoRA fits one GPU ({qlora_peak:.1f} GiB of {request.vram_gib:g}) where no multi-GPU plan "
+                      f"fits {request.gpus} GPUs: it is the way.")
+    else:
+        comparison = (f"QLoRA is cheaper in GPUs: 1 instead of {best.plan.gpus} ({qlora_peak:.1f} GiB on one GPU, "
+                      f"against {(best.estimate.peak_reserved_bytes + CONTEXT_RESERVE_BYTES) / GIB:.1f} GiB on each of "
+                      f"{best.plan.gpus} with {best.plan.strategy}); the {best.plan.gpus}-GPU plan splits each batch "
+                      f"over {best.plan.gpus} GPUs and trains the bf16 base, without QLoRA's 4-bit quantization error "
+                      "or its dequantization in every step (speeds not measured here).")
+    return Alternative("QLoRA on 1 GPU", lora, plan, comparison)
 
 
 # ------------------------------------------------------------------------------------ probes
@@ -455,8 +496,10 @@ def _shrink_hint(request: Request) -> str:
     """What to change when nothing fits: the GPU, the size of a sample, the base's precision."""
     if request.resolution is not None:  # a denoiser
         return "use a larger GPU, a lower --resolution" + (" or fewer --frames" if request.frames else "")
+    if request.gpus > 1:
+        return "use more or larger GPUs, a CPU-offload --strategy (fsdp2-offload, zero3-offload) or a shorter --seq-len"
     if request.quant is Quant.NONE:
-        return "use a larger GPU, a shorter --seq-len or --quant 4bit"
+        return "use a larger GPU (or --gpus N), a shorter --seq-len or --quant 4bit"
     return "use a larger GPU or a shorter --seq-len"
 
 
@@ -474,8 +517,9 @@ def _memory_exclusion(candidate: Candidate, plan, request: Request) -> Exclusion
                 "never builds the full logits)" if upcast and request.trainer is not Trainer.TRL else "")
     return Exclusion(
         candidate.method, candidate.display_name, "memory",
-        f"{candidate.display_name}: needs about {need:.1f} GiB even with micro-batch {plan.micro_batch} and "
-        f"gradient checkpointing (estimated), more than {request.vram_gib:g} GiB; {_shrink_hint(request)}{trl_hint}",
+        f"{candidate.display_name}: needs about {need:.1f} GiB{_per_gpu_words(plan)} even with micro-batch "
+        f"{plan.micro_batch} and gradient checkpointing (estimated), more than {request.vram_gib:g} GiB; "
+        f"{_shrink_hint(request)}{trl_hint}",
     )
 
 
@@ -520,16 +564,25 @@ def _loss_lever_words(plan: TrainingPlan) -> str | None:
             f"{CHECKPOINTING_SLOWDOWN:g}x slower: it recomputes the forward in backward; not measured here).")
 
 
+def _per_gpu_words(plan: TrainingPlan) -> str:
+    """" per GPU with fsdp2 over 4 GPUs" for a multi-GPU plan, "" for one GPU."""
+    return "" if plan.gpus == 1 and plan.strategy == "single" else f" per GPU with {plan.strategy} over {plan.gpus} GPUs"
+
+
+def _gpu_words(request: Request) -> str:
+    return f"a {request.vram_gib:g} GiB GPU" if request.gpus == 1 else f"{request.gpus} x {request.vram_gib:g} GiB GPUs"
+
+
 def _verdict(ranked: list[RankedCandidate], excluded: list[Exclusion], request: Request, arch,
              uncertainty: tuple[str, ...] = (), workload: WorkloadSpec = CAUSAL_LM) -> str:
     stack = "no particular serving stack" if request.serve is Serve.NONE else request.serve.value
     if not ranked:
         reasons = {e.constraint for e in excluded}
-        return (f"No method fits {arch.name} on {request.vram_gib:g} GiB with {stack} "
+        return (f"No method fits {arch.name} on {_gpu_words(request).removeprefix('a ')} with {stack} "
                 f"({', '.join(sorted(reasons))} ruled them all out); see the exclusions for what to change.")
     best = ranked[0]
     plan = best.plan
-    words = [f"For {arch.name} on a {request.vram_gib:g} GiB GPU serving with {stack}, use "
+    words = [f"For {arch.name} on {_gpu_words(request)} serving with {stack}, use "
              f"{best.candidate.display_name} ({_settings_words(best)})."]
     quality = best.quality
     if quality is not None and quality.source == "benchmark run" and best.evidence is not None:
@@ -539,6 +592,9 @@ def _verdict(ranked: list[RankedCandidate], excluded: list[Exclusion], request: 
         words.append(f"Expected quality {quality.relative:.2f}x plain LoRA ({quality.level:.0%} interval "
                      f"{quality.low:.2f}-{quality.high:.2f}, from the quality model).")
     source = plan.estimate.source or "estimated"
+    if plan.gpus > 1 or plan.strategy != "single":
+        words.append(f"Train with {plan.strategy} over {plan.gpus} GPUs (the report shows the launch command and "
+                     "its config).")
     words.append(f"Peak: {plan.estimate.peak_reserved_bytes / GIB:.1f} GiB reserved ({source}) with micro-batch "
                  f"{plan.micro_batch}" + (f" x {plan.gradient_accumulation} accumulation" if plan.gradient_accumulation > 1 else "")
                  + (" and gradient checkpointing" if plan.gradient_checkpointing else "") + f" ({plan.fit}).")
@@ -607,6 +663,13 @@ def _shape_words(request: Request, arch, lengths: LengthProfile | None = None, l
         defaults = (["--seq-len"] if request.seq_len == 768 else []) + ([] if request.batch_given else ["--batch-size"])
         head = (f"sequence length {request.seq_len} and effective batch {request.batch_size}"
                 + (f" (defaults: change with {' and '.join(defaults)})" if defaults else ""))
+        if request.gpus > 1:
+            share = -(-request.batch_size // request.gpus)
+            head += (f", shared by {request.gpus} GPUs: {share} per GPU and step"
+                     + (f" (so the effective batch is {share * request.gpus})" if share * request.gpus != request.batch_size else "")
+                     + "; strategies tried, cheapest first: " + ", ".join(s.value for s in strategies_for(request))
+                     + ("; DeepSpeed is not installed here, so ZeRO was not tried"
+                        if request.strategy is Strategy.AUTO and not deepspeed_installed() else ""))
         if lengths is None:
             return (head + "; every sequence filled to the full length with labels on every token (the worst batch)"
                     + (f"; {lengths_note}" if lengths_note else ""))

@@ -63,13 +63,16 @@ class Planner:
 
     def __init__(self, arch: Architecture, vram_gib: float, batch_size: int, seq_len: int, quant: Quant,
                  estimator: Estimator | None = None, base_shape: TrainingShape | None = None,
-                 loss_lever: bool = False, cache: Any = None):
+                 loss_lever: bool = False, cache: Any = None, gpus: int = 1, strategies: tuple = ()):
         """`base_shape`: what every planned setting keeps (a denoiser's resolution, frames, cached inputs, the
         dtype, the loop); the planner sets micro-batch, accumulation, checkpointing and the optimizer.
         `loss_lever`: the planner may switch the stock loss to Liger's fused cross-entropy, which drops the full
         logits at no cost in quality or speed, when the stock loss does not fit without checkpointing.
         `cache`: an open estimator.cache.EstimateCache; estimates are read from it before tracing and written to
-        it after (only with the default estimator: another one's figures are not the tracer's)."""
+        it after (only with the default estimator: another one's figures are not the tracer's).
+        `gpus`, `strategies`: every estimate is turned into the per-GPU figures of the first of `strategies`
+        (cheapest first, estimator.sharding.COST_ORDER) that fits on `gpus` GPUs of `vram_gib` each, else of the
+        one with the lowest peak; the trace itself is of one process, so it is made (and cached) once."""
         self.arch = arch
         self.vram_gib = vram_gib
         self.batch_size = batch_size
@@ -83,6 +86,8 @@ class Planner:
         self.cached_estimates = 0  # how many estimates came from the cache
         self._loss_lever = loss_lever
         self.loss_saving_bytes: int | None = None  # what Liger saved plain LoRA, once the lever is pulled
+        self.gpus = gpus
+        self.strategies = tuple(strategies) or (("single",) if gpus == 1 else ("ddp",))
 
     def settings(self, checkpointing: bool = True, plain_first: bool = True) -> list[tuple[int, bool]]:
         """(micro-batch, gradient checkpointing) in the order tried: the requested batch without and with
@@ -134,10 +139,12 @@ class Planner:
                 plan = TrainingPlan(micro, outcome.shape.gradient_accumulation, ckpt, outcome,
                                     fit_of(outcome, self.vram_gib), outcome.shape.loss,
                                     self.loss_saving_bytes if outcome.shape.loss == "liger" else None)
-                found[method] = _better(plan, found.get(method))
+                found[method] = _better(plan, found.get(method), self._strategy_rank)
                 if plan.fit != "fits":
                     if not _may_fit(_fixed_bytes(outcome), self.vram_gib):
                         queues[method] = []  # weights, gradients and optimizer state alone exceed the VRAM
+                elif self._strategy_rank(plan) > 0 and queues[method]:
+                    pass  # a cheaper strategy may fit with the next, smaller setting: keep going
                 else:
                     worth_plain = (ckpt and micro == self.batch_size and not plain_first and saving is not None
                                    and _may_fit(outcome.peak_reserved_bytes + PLAIN_RETRY_SHARE * saving, self.vram_gib))
@@ -154,7 +161,7 @@ class Planner:
         """Full fine-tuning whose weights and gradients alone (two bytes each per parameter in bf16) exceed the
         VRAM: no micro-batch or checkpointing can change that, so it is not traced; the plan carries that lower
         bound, marked as one."""
-        if candidate.peft_config_class is not None:
+        if candidate.peft_config_class is not None or self.gpus > 1:  # sharding divides the bound
             return None
         from peftpick.workloads import workload_of
 
@@ -228,8 +235,35 @@ class Planner:
 
     def _known(self, key: tuple, candidate: Candidate, micro: int, ckpt: bool) -> MemoryEstimate | PeftpickError:
         known = self._estimates[key]
-        return known if isinstance(known, PeftpickError) else dataclasses.replace(
-            known, shape=self._shape(candidate, micro, ckpt, key[-1]))
+        if isinstance(known, PeftpickError):
+            return known
+        return self._placed(dataclasses.replace(known, shape=self._shape(candidate, micro, ckpt, key[-1])))
+
+    def _strategy_rank(self, plan: TrainingPlan) -> int:
+        """0 for the cheapest strategy the planner may use, 1 for the next, ..."""
+        names = [getattr(s, "value", s) for s in self.strategies]
+        return names.index(plan.strategy) if plan.strategy in names else 0
+
+    def _placed(self, estimate: MemoryEstimate) -> MemoryEstimate | PeftpickError:
+        """The per-GPU estimate of the cheapest strategy that fits (one GPU: the estimate itself)."""
+        if self.gpus == 1:
+            return estimate
+        from peftpick.estimator.sharding import per_gpu
+
+        best: MemoryEstimate | None = None
+        for strategy in self.strategies:
+            try:
+                placed = per_gpu(estimate, self.arch, self.gpus, strategy)
+            except PeftpickError as error:
+                return error
+            fit = fit_of(placed, self.vram_gib)
+            if fit == "fits":
+                return placed
+            if best is None or (_FIT_ORDER[fit], placed.peak_reserved_bytes) < (
+                    _FIT_ORDER[fit_of(best, self.vram_gib)], best.peak_reserved_bytes):
+                best = placed
+        assert best is not None
+        return best
 
     def _shape(self, candidate: Candidate, micro: int, ckpt: bool, loss: str | None = None) -> TrainingShape:
         return dataclasses.replace(self._base_shape, batch_size=micro, seq_len=self.seq_len,
@@ -301,9 +335,10 @@ def _may_fit(reserved_bytes: float, vram_gib: float) -> bool:
 _FIT_ORDER = {"fits": 0, "marginal": 1, "does not fit": 2}
 
 
-def _better(new: TrainingPlan, old: TrainingPlan | None) -> TrainingPlan:
-    """The plan to keep: a better fit wins; at equal fit the faster setting (no checkpointing, then the larger
-    micro-batch)."""
+def _better(new: TrainingPlan, old: TrainingPlan | None,
+            strategy_rank: Callable[[TrainingPlan], int] = lambda _plan: 0) -> TrainingPlan:
+    """The plan to keep: a better fit wins; at equal fit the cheaper multi-GPU strategy (`strategy_rank`, lower
+    is cheaper), then the faster setting (no checkpointing, then the larger micro-batch)."""
     if old is None:
         return new
     if _FIT_ORDER[new.fit] != _FIT_ORDER[old.fit]:
@@ -311,6 +346,8 @@ def _better(new: TrainingPlan, old: TrainingPlan | None) -> TrainingPlan:
     if new.fit == "does not fit":
         # among plans that do not fit, report the cheapest one tried
         return new if new.estimate.peak_reserved_bytes < old.estimate.peak_reserved_bytes else old
+    if strategy_rank(new) != strategy_rank(old):
+        return new if strategy_rank(new) < strategy_rank(old) else old
     speed = lambda p: (not p.gradient_checkpointing, p.micro_batch)  # noqa: E731
     return new if speed(new) > speed(old) else old
 

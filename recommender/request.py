@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from peftpick.errors import PeftpickError
-from peftpick.types import Goal, LossKernel, Quant, Request, Serve, Trainer
+from peftpick.types import Goal, LossKernel, Quant, Request, Serve, Strategy, Trainer
 
 # The largest memory of a single accelerator on sale when this was written (AMD MI355X, 288 GB); anything
 # above is a typo or the memory of several GPUs, which one training process cannot pool.
@@ -15,6 +15,9 @@ LARGEST_GPU_GIB = 288
 MAX_SEQ_LEN = 1 << 20
 MAX_RESOLUTION = 8192  # pixels per side; no denoiser here trains beyond 4K
 MAX_FRAMES = 1025
+MAX_GPUS = 16  # GPUs of one node: peftpick plans single-node runs (torchrun --standalone)
+# what has something to shard on one GPU: only the CPU-offload variants
+ONE_GPU_STRATEGIES = (Strategy.AUTO, Strategy.SINGLE, Strategy.FSDP2_OFFLOAD, Strategy.ZERO3_OFFLOAD)
 
 E = TypeVar("E", bound=Enum)
 
@@ -47,7 +50,7 @@ def validate_vram(vram_gb: Any) -> float:
     if vram > LARGEST_GPU_GIB:
         raise PeftpickError(
             f"--vram {vram:g} GiB is more than any single GPU has (largest: {LARGEST_GPU_GIB} GiB)",
-            "pass the memory of one GPU; peftpick plans single-GPU training",
+            "pass the memory of one GPU, and --gpus N for several",
         )
     if vram < 1:
         raise PeftpickError(
@@ -71,6 +74,8 @@ def validate_request(
     cached_inputs: Any = True,
     loss: Any = None,
     trainer: Any = Trainer.PLAIN,
+    gpus: Any = 1,
+    strategy: Any = Strategy.AUTO,
 ) -> Request:
     """A Request with defaults filled in; vram_gb None means the detected GPU's total memory. loss None lets the
     planner pick Liger's fused cross-entropy where the stock loss does not fit without checkpointing.
@@ -115,7 +120,46 @@ def validate_request(
         cached_inputs=bool(cached_inputs),
         loss=None if loss is None else _choice(loss, LossKernel, "--loss"),
         trainer=_choice(trainer, Trainer, "--trainer"),
+        **validate_gpus(gpus, strategy, quant),
     )
+
+
+def validate_gpus(gpus: Any, strategy: Any, quant: Any = Quant.NONE) -> dict[str, Any]:
+    """`gpus` and `strategy` of a request, checked together (and against --quant)."""
+    gpus = _positive_int(gpus, "--gpus", "--gpus 4", MAX_GPUS)
+    strategy = _choice(strategy, Strategy, "--strategy")
+    quant = _choice(quant, Quant, "--quant")
+    if gpus == 1 and strategy not in ONE_GPU_STRATEGIES:
+        raise PeftpickError(f"--strategy {strategy.value} spreads training over several GPUs, and --gpus is 1",
+                            "pass --gpus N, or --strategy fsdp2-offload / zero3-offload to offload to the CPU on one GPU")
+    if gpus > 1 and strategy is Strategy.SINGLE:
+        raise PeftpickError(f"--strategy single trains on one GPU, and --gpus is {gpus}",
+                            "drop --strategy (auto picks one) or pass --gpus 1")
+    if quant is not Quant.NONE and strategy not in (Strategy.AUTO, Strategy.SINGLE, Strategy.DDP):
+        raise PeftpickError(f"sharding a {quant.value} quantized base with {strategy.value} is not modelled",
+                            "drop --quant for a sharded plan, or use --strategy ddp (each GPU holds the quantized model)")
+    from peftpick.estimator.sharding import DEEPSPEED
+
+    if strategy in DEEPSPEED and not deepspeed_installed():
+        raise PeftpickError(f"--strategy {strategy.value} trains with DeepSpeed, which is not installed here",
+                            "pip install deepspeed (it needs CUDA and a compiler on the training machine), "
+                            "or use --strategy fsdp2 (PyTorch's own sharding)")
+    return {"gpus": gpus, "strategy": strategy}
+
+
+def deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def strategies_for(request: Request) -> tuple[Strategy, ...]:
+    """The strategies the planner may choose from for `request`, cheapest first."""
+    from peftpick.estimator.sharding import available_strategies
+
+    if request.strategy is not Strategy.AUTO:
+        return (request.strategy,)
+    return available_strategies(request.gpus, request.quant.value, deepspeed_installed())
 
 
 def _gpu_of_model(model: Any) -> tuple[float | None, str]:
@@ -146,6 +190,9 @@ def validate_for_model(request: Request, arch) -> Request:
         request = dataclasses.replace(request, batch_size=workload_of(arch).default_batch_size)
     check_serve(arch, request.serve)
     denoiser = arch.denoiser
+    if denoiser is not None and (request.gpus > 1 or request.strategy not in (Strategy.AUTO, Strategy.SINGLE)):
+        raise PeftpickError(f"multi-GPU plans are for language models, and {arch.name} is a denoiser",
+                            "drop --gpus and --strategy (plan one GPU), or pass a language model")
     if denoiser is None:
         for option, value in (("--resolution", request.resolution), ("--frames", request.frames)):
             if value is not None:

@@ -16,9 +16,11 @@ from peftpick.report.formatting import (
     fit_cell,
     fit_tone,
     gib,
+    gpus_label,
     memory_source,
     peak_cell,
     plan_text,
+    plan_text_of,
     quality_cell,
     serving_cell,
     serving_tone,
@@ -26,6 +28,7 @@ from peftpick.report.formatting import (
     speed_cell,
     trainable_cell,
 )
+from peftpick.report.launch import launch_for
 from peftpick.report.snippet import snippet_for
 from peftpick.types import RankedCandidate, Recommendation
 
@@ -213,6 +216,7 @@ def _recommendation_blocks(rec: Recommendation) -> list[Block]:
                   + (f" [source: {best.serving.source}]" if best.serving.source else "")
                   + (f" [facts for {best.serving.versions}]" if best.serving.versions else "")),
     ]
+    blocks += _launch_blocks(best, rec)
     if best.serving.launch:
         after = {"convert": " (after the conversion)", "merge": " (after merging)"}.get(best.serving.route, "")
         blocks.append(Paragraph(f"Serve it{after}:"))
@@ -230,12 +234,50 @@ def _recommendation_blocks(rec: Recommendation) -> list[Block]:
     return blocks
 
 
+def _launch_blocks(best: RankedCandidate, rec: Recommendation) -> list[Block]:
+    """How to launch a multi-GPU plan, what each GPU holds, and the single-GPU alternative."""
+    launch = launch_for(best, rec)
+    blocks: list[Block] = []
+    if launch is not None:
+        plan, estimate = best.plan, best.estimate
+        held = estimate.rank_state
+        who = ("Each rank's share, kept in host memory (CPU offload):" if estimate.host_bytes else "Each GPU holds")
+        words = []
+        if held:
+            words.append(f"{who} {gib(held.get('parameters', 0))} GiB of parameters, "
+                         f"{gib(held.get('gradients', 0))} GiB of gradients and "
+                         f"{gib(held.get('optimizer state', 0))} GiB of optimizer state.")
+        if estimate.host_bytes:
+            words.append(f"Host memory for what is offloaded: {gib(estimate.host_bytes)} GiB.")
+        words.append(f"Micro-batch {plan.micro_batch} per GPU x {plan.gradient_accumulation} accumulation x "
+                     f"{plan.gpus} GPUs = {plan.micro_batch * plan.gradient_accumulation * plan.gpus} sequences per "
+                     "optimizer step.")
+        blocks += [
+            Heading(f"Launch on {plan.gpus} GPUs: {plan.strategy}", 3),
+            Paragraph(" ".join(words)),
+            Code(launch.command + "\n", language="bash"),
+            *(block for file in launch.files
+              for block in (Paragraph(f"{file.name}:"), Code(file.text, language=file.language))),
+            Paragraph(f"Saving for serving: {launch.saving}."),
+        ]
+    alternative = rec.alternative
+    if alternative is not None:
+        plan = alternative.plan
+        blocks += [
+            Heading(f"Alternative: {alternative.label}", 3),
+            Paragraph(f"{alternative.candidate.display_name} over a 4-bit base on one GPU: {plan_text_of(plan)}; peak "
+                      f"{gib(plan.estimate.peak_reserved_bytes)} GiB reserved ({memory_source(plan.estimate)}), "
+                      f"{plan.fit}. {alternative.comparison}"),
+        ]
+    return blocks
+
+
 def _assumption_items(rec: Recommendation) -> tuple[str, ...]:
     request = rec.request
     quant = getattr(request.quant, "value", request.quant)
     goal = getattr(request.goal, "value", request.goal)
     items = [
-        f"Request: model {request.model}, {request.vram_gib:g} GiB VRAM ({request.vram_source}), "
+        f"Request: model {request.model}, {gpus_label(request)} VRAM ({request.vram_source}), "
         f"{serve_label(rec)}{', several adapters over one base' if request.multi_adapter else ''}, "
         f"base weights {'not quantized' if quant == 'none' else quant}, goal {goal}, sequences of "
         f"{request.seq_len} tokens, effective batch "
@@ -253,7 +295,7 @@ def _assumption_items(rec: Recommendation) -> tuple[str, ...]:
 def build_document(rec: Recommendation) -> list[Block]:
     """Blocks in reading order: verdict, ranked candidates, exclusions, recommendation, assumptions."""
     blocks: list[Block] = [
-        Heading(f"peftpick: {rec.request.model} on {rec.request.vram_gib:g} GiB, {serve_label(rec)}", 1),
+        Heading(f"peftpick: {rec.request.model} on {gpus_label(rec.request)}, {serve_label(rec)}", 1),
         Paragraph(verdict_text(rec), "verdict"),
         Heading("Ranked candidates"),
     ]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from peftpick.types import GIB, BenchmarkEvidence, Candidate, MemoryEstimate, RankedCandidate, ServingVerdict
+from peftpick.types import (GIB, BenchmarkEvidence, Candidate, MemoryEstimate, RankedCandidate, ServingVerdict,
+                            TrainingPlan)
 
 # Table cells stay one line; the full value is in to_dict() and the snippet.
 _TARGETS_CELL_LIMIT = 40
@@ -170,14 +171,25 @@ def serving_tone(route: str) -> str:
 
 def plan_text(ranked: RankedCandidate) -> str:
     """Training settings in one line: micro-batch x accumulation, checkpointing, optimizer, learning rate, dtype."""
-    plan, candidate = ranked.plan, ranked.candidate
-    effective = plan.micro_batch * plan.gradient_accumulation
+    return plan_text_of(ranked.plan, ranked.candidate)
+
+
+def plan_text_of(plan: TrainingPlan, candidate: Candidate | None = None) -> str:
+    gpus = plan.gpus
+    effective = plan.micro_batch * plan.gradient_accumulation * gpus
+    where = f" on each of {gpus} GPUs ({plan.strategy})" if gpus > 1 or plan.strategy != "single" else ""
     return (
-        f"micro-batch {plan.micro_batch} x gradient accumulation {plan.gradient_accumulation} "
+        f"micro-batch {plan.micro_batch} x gradient accumulation {plan.gradient_accumulation}{where} "
         f"(effective batch {effective}), gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
-        f"optimizer {optimizer_label(candidate.optimizer)}, learning rate {candidate.learning_rate:g}, "
-        f"{plan.estimate.shape.dtype} weights" + (f", {LOSS_LABELS[plan.loss]}" if plan.loss != "stock" else "")
+        + (f"optimizer {optimizer_label(candidate.optimizer)}, learning rate {candidate.learning_rate:g}, "
+           if candidate is not None else "")
+        + f"{plan.estimate.shape.dtype} weights" + (f", {LOSS_LABELS[plan.loss]}" if plan.loss != "stock" else "")
     )
+
+
+def gpus_label(request) -> str:
+    """"80 GiB" for one GPU, "4 x 80 GiB" for several."""
+    return f"{request.vram_gib:g} GiB" if request.gpus == 1 else f"{request.gpus} x {request.vram_gib:g} GiB"
 
 
 LOSS_LABELS = {"liger": "Liger's fused linear cross-entropy (pip install liger-kernel)",

@@ -73,6 +73,8 @@ def request_to_dict(request: Request) -> dict[str, Any]:
         "loss": json_safe(request.loss) if request.loss is not None else None,
         "trainer": json_safe(request.trainer),
         "packing": bool(request.packing),
+        "gpus": int(request.gpus),
+        "strategy": json_safe(request.strategy),
     }
 
 
@@ -120,6 +122,10 @@ def estimate_to_dict(estimate: MemoryEstimate) -> dict[str, Any]:
         },
         "source": memory_source(estimate),
         "assumptions": list(estimate.assumptions),
+        "gpus": int(estimate.gpus),
+        "strategy": estimate.strategy,
+        "rank_state": {str(k): int(v) for k, v in estimate.rank_state.items()},
+        "host_bytes": int(estimate.host_bytes),
     }
 
 
@@ -191,7 +197,29 @@ def _settings(ranked: RankedCandidate) -> dict[str, Any]:
     }
 
 
-def ranked_to_dict(ranked: RankedCandidate, position: int, vram_gib: float) -> dict[str, Any]:
+def launch_to_dict(ranked: RankedCandidate, rec: Recommendation | None) -> dict[str, Any] | None:
+    from peftpick.report.launch import launch_for
+
+    launch = launch_for(ranked, rec) if rec is not None else None
+    if launch is None:
+        return None
+    return {"command": launch.command, "files": {file.name: file.text for file in launch.files},
+            "saving": launch.saving}
+
+
+def alternative_to_dict(rec: Recommendation) -> dict[str, Any] | None:
+    alternative = rec.alternative
+    if alternative is None:
+        return None
+    plan = alternative.plan
+    return {"label": alternative.label, "method": alternative.candidate.method, "fit": plan.fit,
+            "micro_batch": plan.micro_batch, "gradient_accumulation": plan.gradient_accumulation,
+            "gradient_checkpointing": plan.gradient_checkpointing, "memory": estimate_to_dict(plan.estimate),
+            "comparison": alternative.comparison}
+
+
+def ranked_to_dict(ranked: RankedCandidate, position: int, vram_gib: float,
+                   rec: Recommendation | None = None) -> dict[str, Any]:
     candidate, plan, estimate = ranked.candidate, ranked.plan, ranked.estimate
     memory = estimate_to_dict(estimate)
     return {
@@ -219,7 +247,10 @@ def ranked_to_dict(ranked: RankedCandidate, position: int, vram_gib: float) -> d
         "plan": {
             "micro_batch": plan.micro_batch,
             "gradient_accumulation": plan.gradient_accumulation,
-            "effective_batch": plan.micro_batch * plan.gradient_accumulation,
+            "effective_batch": plan.micro_batch * plan.gradient_accumulation * plan.gpus,
+            "gpus": plan.gpus,
+            "strategy": plan.strategy,
+            "launch": launch_to_dict(ranked, rec),
             "gradient_checkpointing": plan.gradient_checkpointing,
             "dtype": estimate.shape.dtype,
             "seq_len": estimate.shape.seq_len,
@@ -277,7 +308,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
     | `ranked[].total_params` | int | parameters of the adapted model |
     | `ranked[].adapter_bytes` | int | size of the saved adapter (full fine-tuning: the model) |
     | `ranked[].memory` | object | `peak_allocated_bytes`, `peak_reserved_bytes` (the figure that must fit), `peak_allocated_gib`, `peak_reserved_gib`, `breakdown` (bytes allocated at the peak by part: `weights`, `adapter`, `grads`, `optimizer`, `activations`, `logits/loss`, `overhead`), `source` ("estimated" or "measured on <GPU>"), `fit` ("fits" / "marginal" / "does not fit"), `margin_gib` (VRAM minus peak reserved; negative = short), `assumptions` |
-    | `ranked[].plan` | object | `micro_batch`, `gradient_accumulation`, `effective_batch`, `gradient_checkpointing`, `dtype`, `seq_len` (the longest row the estimate holds), `loss` ("stock" / "liger" / "chunked"), `loss_saving_bytes` (what Liger saved plain LoRA when the planner chose it; else null) |
+    | `ranked[].plan` | object | `micro_batch`, `gradient_accumulation`, `effective_batch`, `gradient_checkpointing`, `dtype`, `seq_len` (the longest row the estimate holds), `loss` ("stock" / "liger" / "chunked"), `loss_saving_bytes` (what Liger saved plain LoRA when the planner chose it; else null), `gpus`, `strategy` ("single", "ddp", "fsdp2", ...; memory figures are per GPU), `launch` (multi-GPU: `command`, `files` {name: text}, `saving`; else null) |
     | `ranked[].evidence` | object \| null | `benchmark`, `experiment`, `metric`, `score`, `lora_score`, `relative_to_lora` (score / LoRA reference score), `lora_experiment`, `model` (the benchmark's base model), `gpu`, `source_commit`; null without a benchmark run |
     | `ranked[].serving` | object | `route` ("native" / "merge" / "convert" / "cannot" / "not needed"), `reason`, `source`, `launch` (command lines that serve the result), `conversion` ("initial-model" / "rescale" / "svd" / null), `rank_after` (rank of the converted adapter), `versions` (which engine version the facts are for) |
     | `ranked[].probe` | object \| null | micro-training measurement when one was run: `status`, `device`, `peak_allocated_bytes`, `peak_reserved_bytes`, `nvml_used_bytes`, `tokens_per_second`, `step_seconds`, `losses`, `loss_slope`, `loss_slope_stderr`, `wall_seconds`, `error`, `from_cache` |
@@ -299,6 +330,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
     | `best` | str \| null | method key of ranked[0] |
     | `runner_up` | str \| null | method key of ranked[1] |
     | `peft_snippet` | str \| null | Python that sets up the best candidate; null when nothing is ranked |
+    | `alternative` | object \| null | with `--gpus` > 1: the single-GPU QLoRA plan: `label`, `method`, `fit`, `micro_batch`, `gradient_accumulation`, `gradient_checkpointing`, `memory` (as `ranked[].memory`'s estimate keys), `comparison` (which plan is cheaper) |
     """
     from peftpick import __version__
 
@@ -312,7 +344,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
         "gpu": rec.gpu,
         "assumptions": list(rec.assumptions),
         "verdict": rec.verdict,
-        "ranked": [ranked_to_dict(ranked, position, vram_gib) for position, ranked in enumerate(rec.ranked, 1)],
+        "ranked": [ranked_to_dict(ranked, position, vram_gib, rec) for position, ranked in enumerate(rec.ranked, 1)],
         "excluded": [exclusion_to_dict(exclusion) for exclusion in rec.excluded],
         "goal_weights": json_safe(dict(rec.goal_weights)),
         "uncertainty": list(rec.uncertainty),
@@ -321,4 +353,5 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
         "best": best.method if best else None,
         "runner_up": runner_up.method if runner_up else None,
         "peft_snippet": snippet_for(best, rec) if best else None,
+        "alternative": alternative_to_dict(rec),
     }

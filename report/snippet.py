@@ -164,7 +164,7 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
         imports.append("from peft.optimizers import create_lorafa_optimizer")
     imports += model_imports
 
-    effective = plan.micro_batch * plan.gradient_accumulation
+    effective = plan.micro_batch * plan.gradient_accumulation * plan.gpus  # several GPUs each take a micro-batch
     lines = [
         f"# peftpick: {candidate.display_name}, peak {gib(estimate.peak_reserved_bytes)} GiB reserved / "
         f"{gib(estimate.peak_allocated_bytes)} GiB allocated ({memory_source(estimate)})",
@@ -202,7 +202,8 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
         "",
         TRAINING_SECTION,
         f"micro_batch_size = {plan.micro_batch}",
-        f"gradient_accumulation_steps = {plan.gradient_accumulation}  # effective batch {effective}",
+        f"gradient_accumulation_steps = {plan.gradient_accumulation}  # effective batch {effective}"
+        + (f" (per GPU, on {plan.gpus} GPUs with {plan.strategy}: launch as the report shows)" if plan.gpus > 1 else ""),
         f"learning_rate = {python_literal(float(candidate.learning_rate))}",
     ]
     if lora_fa:

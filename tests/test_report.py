@@ -40,9 +40,10 @@ EXCLUSION_REASON = "vLLM loads only LoRA adapters; OFT would have to be merged, 
 TOP_LEVEL_KEYS = {
     "schema_version", "peftpick_version", "request", "architecture", "gpu", "assumptions", "verdict", "ranked",
     "excluded", "best", "runner_up", "peft_snippet", "goal_weights", "uncertainty", "probes", "lengths",
+    "alternative",
 }
 REQUEST_KEYS = {"model", "vram_gib", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size", "vram_source",
-                "resolution", "frames", "cached_inputs", "loss", "trainer", "packing"}
+                "resolution", "frames", "cached_inputs", "loss", "trainer", "packing", "gpus", "strategy"}
 ARCHITECTURE_KEYS = {
     "name", "model_type", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
     "vocab_size", "tie_word_embeddings", "num_experts", "experts_per_token", "dtype", "hub_id", "local_path", "source",
@@ -60,7 +61,7 @@ MEMORY_KEYS = {
 }
 BREAKDOWN_KEYS = {"weights", "adapter", "grads", "optimizer", "activations", "logits/loss", "overhead"}
 PLAN_KEYS = {"micro_batch", "gradient_accumulation", "effective_batch", "gradient_checkpointing", "dtype", "seq_len",
-             "loss", "loss_saving_bytes"}
+             "loss", "loss_saving_bytes", "gpus", "strategy", "launch"}
 EVIDENCE_KEYS = {
     "benchmark", "experiment", "metric", "score", "lora_score", "relative_to_lora", "lora_experiment", "model", "gpu",
     "source_commit",
@@ -192,6 +193,7 @@ def test_to_dict_values(rec: Recommendation):
         "model": "smollm2-135m", "vram_gib": 8.0, "serve": "vllm", "multi_adapter": False, "quant": "none",
         "goal": "balanced", "seq_len": 768, "batch_size": 4, "vram_source": "given",
         "resolution": None, "frames": None, "cached_inputs": None, "loss": None, "trainer": "plain", "packing": False,
+        "gpus": 1, "strategy": "auto",
     }
     assert data["architecture"]["hidden_size"] == 576 and data["architecture"]["source"].startswith("bundled")
     assert data["verdict"] == VERDICT
@@ -213,7 +215,7 @@ def test_to_dict_values(rec: Recommendation):
     assert best["memory"]["margin_gib"] == pytest.approx(8.0 - 3.2, abs=1e-3)
     assert best["plan"] == {"micro_batch": 4, "gradient_accumulation": 4, "effective_batch": 16,
                             "gradient_checkpointing": False, "dtype": "bfloat16", "seq_len": 768, "loss": "stock",
-                            "loss_saving_bytes": None}
+                            "loss_saving_bytes": None, "gpus": 1, "strategy": "single", "launch": None}
     assert best["evidence"]["relative_to_lora"] == pytest.approx(0.52 / 0.48)
     assert best["evidence"]["source_commit"] == "5d602fdbff04c33c1c4de55cda9d4ae1d7cb7e40"
     assert best["serving"]["route"] == "native"
