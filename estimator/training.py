@@ -347,7 +347,7 @@ def parameter_shapes(model) -> dict[str | int, Any]:
     """[rows (dim 0), elements per row, bytes per element, trainable] of every parameter, keyed by decoder layer
     index ("root": outside the layers; "layer_class": the layers' class name), each parameter once (tied weights are one). FSDP2 wraps each decoder
     layer and the root, and shards every parameter along dim 0 (estimator.sharding)."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     layer_of = {id(p): index for index, layer in enumerate(layers or ()) for p in layer.parameters()}
     shapes: dict[str | int, Any] = {"root": [], "layer_class": type(layers[0]).__name__ if layers else ""}
     for p in model.parameters():  # yields a tied parameter once
@@ -358,7 +358,7 @@ def parameter_shapes(model) -> dict[str | int, Any]:
 
 
 def _decoder_layers_name(model) -> str | None:
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     return next((name for name, module in model.named_modules() if module is layers), None)
 
 
@@ -373,7 +373,7 @@ def _unit_of_name(name: str, layers_name: str | None, period: int) -> int | None
     return None
 
 
-def _decoder_layers(model) -> torch.nn.ModuleList | None:
+def decoder_layers(model) -> torch.nn.ModuleList | None:
     """The model's list of decoder layers: the longest ModuleList of identical block types."""
     best = None
     for module in model.modules():
@@ -387,7 +387,7 @@ def _attribute_layers(model, tracker: StorageTracker, period: int, hooks: bool =
     """Mark which unit of `period` layers owns each parameter, and make the tracker follow which unit's code
     runs: forward hooks enter and leave a unit; in backward, the gradient of a unit's output marks the start of
     its backward, and the gradient of the first layer's input its end."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     unit_of: dict[int, int] = {}
     if layers is None:
         return unit_of

@@ -528,6 +528,9 @@ def probe_command(
         "--json", help="Print the measurements as JSON (schema_version 1) and nothing else on stdout.")] = False,
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Measure again: neither read nor write the probe cache.")] = False,
+    gpus: Annotated[int, typer.Option(
+        "--gpus", help="Run each probe under torchrun with FSDP2 on this many local GPUs (on the CPU: gloo "
+        "processes); the peak is the busiest rank's.")] = 1,
 ) -> None:
     """Micro-train candidate methods on this machine's GPU and print measured peak memory, speed and loss slope."""
     import warnings
@@ -544,7 +547,8 @@ def probe_command(
             results = probe(model, methods, data, seq_len=seq_len, batch_size=batch_size, steps=steps, **image,
                             gradient_checkpointing=grad_ckpt, random_weights=random_weights, device=device,
                             cache=not no_cache, text_field=text_field, prompt_field=prompt_field,
-                            response_field=response_field, learning_rate=learning_rate, timeout_s=timeout)
+                            response_field=response_field, learning_rate=learning_rate, timeout_s=timeout,
+                            **({"gpus": gpus} if gpus != 1 else {}))
         except ProbesInterrupted as stopped:  # keep what finished: print it, then exit as interrupted
             results, interrupted = stopped.results, True
         from peftpick.probes.table import print_probe_table, probes_document

@@ -291,6 +291,8 @@ class ProbeResult:
     data: str = ""  # what the probe trained on
     phase_seconds: dict[str, float] = field(default_factory=dict)  # where the wall time went
     notes: tuple[str, ...] = ()
+    gpus: int = 1  # ranks of a multi-GPU probe (FSDP2 under torchrun); the peaks are the busiest rank's
+    ranks: tuple[dict[str, Any], ...] = ()  # each rank's status, peaks and step time, in rank order
 
 
 @dataclass(frozen=True)

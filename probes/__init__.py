@@ -58,6 +58,7 @@ def probe(
     learning_rate: float | None = None,
     resolution: int | None = None,
     frames: int | None = None,
+    gpus: int = 1,
 ) -> list[ProbeResult]:
     """Micro-train each of `methods` on `model` and return what was measured, one result per method in order.
 
@@ -76,6 +77,8 @@ def probe(
     progress: True for a progress bar on stderr, a callable for one-line messages, False for none; None: a bar
         when stderr is a terminal.
     learning_rate: None uses each method's benchmark learning rate.
+    gpus: run each probe under torchrun with FSDP2 on this many GPUs (on the CPU: gloo processes); the peaks are
+        the busiest rank's, `ProbeResult.ranks` has each rank's (probes.torchrun).
     Raises PeftpickError for bad input, ProbesInterrupted (with the finished results) on Ctrl-C.
     """
     from peftpick.knowledge.architectures import resolve_model
@@ -85,7 +88,7 @@ def probe(
                            gradient_checkpointing=gradient_checkpointing, random_weights=random_weights,
                            device=device, cache=cache, timeout_s=timeout_s, data=data, text_field=text_field,
                            prompt_field=prompt_field, response_field=response_field, learning_rate=learning_rate,
-                           resolution=resolution, frames=frames)
+                           resolution=resolution, frames=frames, gpus=gpus)
     arch = model if isinstance(model, Architecture) else resolve_model(model)
     names = _method_names(methods, probe_program(arch.workload).default_methods)
     # unknown names fail here, before any work

@@ -21,7 +21,8 @@ PROTOCOL_VERSION = 1
 # Test-only: JSON {"<method>": {"kind": "oom" | "error" | "crash" | "hang", "step": k, "above_micro_batch": m,
 # "unless_checkpointing": bool}} makes the worker of that method fail at optimizer step k (1-based, warm-up
 # included), only for micro-batches above m (default 0: always) and, with unless_checkpointing, only without
-# gradient checkpointing. It lets the CPU tests drive out-of-memory retries, crashes and timeouts.
+# gradient checkpointing. It lets the CPU tests drive out-of-memory retries, crashes and timeouts. With "rank": r
+# only that rank of a multi-process probe (probes.torchrun) fails.
 FAULTS_ENV = "PEFTPICK_PROBE_FAULTS"
 
 
@@ -38,6 +39,7 @@ class ProbeJob:
     tokens_path: str  # the program's prepared inputs (causal LM: torch.save'd int64 [blocks, seq_len]); "": none
     seed: int = 0
     local_files_only: bool = True  # load hub weights from the local cache only
+    world_size: int = 1  # >1: run under torchrun on this many GPUs (or CPU processes) with FSDP2 (probes.torchrun)
 
     @property
     def total_steps(self) -> int:

@@ -58,6 +58,7 @@ def result_from_dict(data: Mapping[str, Any]) -> ProbeResult:
     values["oom_settings"] = tuple(_shape(shape) for shape in values.get("oom_settings", ()))
     values["losses"] = tuple(math.nan if value is None else float(value) for value in values.get("losses", ()))
     values["notes"] = tuple(values.get("notes", ()))
+    values["ranks"] = tuple(dict(rank) for rank in values.get("ranks", ()))
     if values["status"] not in ("ok", "oom", "error"):
         raise ValueError(f"unknown probe status {values['status']!r}")
     return ProbeResult(**values)

@@ -75,6 +75,8 @@ class ProbeOptions:
     data: a JSON lines / JSON / CSV / TSV / Parquet / text file; None uses the built-in sample.
     cache_path: None uses $PEFTPICK_CACHE_DIR/probes.sqlite or ~/.cache/peftpick/probes.sqlite.
     timeout_s: per setting tried; None: DEFAULT_TIMEOUT_S.
+    gpus: ranks per probe (probes.torchrun: FSDP2 under torchrun, the busiest rank's peak); checked against the
+        GPUs present once the device is known.
     """
 
     steps: int = 10
@@ -95,6 +97,7 @@ class ProbeOptions:
     seed: int = 0
     resolution: int | None = None
     frames: int | None = None
+    gpus: int = 1  # >1: each probe runs under torchrun with FSDP2 on this many GPUs (CPU: gloo processes)
 
     def __post_init__(self) -> None:
         _whole(self.steps, "steps", minimum=2, fix="probe at least 2 optimizer steps, e.g. --steps 10")
@@ -181,6 +184,12 @@ def run_probes(model: Any, candidates: Sequence[Candidate], shapes: ShapesArgume
     arch = model if isinstance(model, Architecture) else resolve_model(model)
     program = probe_program(arch.workload)  # what a probe of this kind of model does (see job.ProbeProgram)
     device, device_name = choose_device(options.device)
+    from peftpick.probes.torchrun import check_gpus
+
+    check_gpus(options.gpus, device)
+    if options.gpus > 1 and arch.denoiser is not None:
+        raise PeftpickError(f"multi-GPU probes are for language models, and {arch.name} is a denoiser",
+                            "drop --gpus")
     program.check(arch, options, device)
     weights, local_only = program.weights_source(arch, options.random_weights)
     first_settings = _first_settings(candidates, shapes, options, arch, device, program)
@@ -387,6 +396,8 @@ class _ProbeRun:
 
     @property
     def _spares(self) -> int:
+        if self.options.gpus > 1:  # torchrun starts its own ranks
+            return 0
         return SPARE_WORKERS_CPU if self.device == "cpu" else SPARE_WORKERS_GPU
 
     # -- keys
@@ -404,6 +415,7 @@ class _ProbeRun:
             "data": self.data.identity,
             "device": self.device_name,
             "versions": _library_versions(self.program.library_names),
+            **({"gpus": self.options.gpus} if self.options.gpus > 1 else {}),
         }
 
     def _model_source(self) -> str:
@@ -427,7 +439,7 @@ class _ProbeRun:
             job = ProbeJob(candidate=candidate, architecture=self.arch, shape=setting, weights=self.weights,
                            device=self.device, steps=self.options.steps, warmup_steps=self.options.warmup_steps,
                            learning_rate=self._learning_rate(candidate), tokens_path=str(tokens_path),
-                           seed=self.options.seed, local_files_only=self.local_only)
+                           seed=self.options.seed, local_files_only=self.local_only, world_size=self.options.gpus)
             outcome = self._run_job(index, job, following)
             wall += outcome.wall
             for phase, seconds in outcome.phases.items():
@@ -451,6 +463,11 @@ class _ProbeRun:
     def _run_job(self, index: int, job: ProbeJob, following: int) -> _Outcome:
         """Run one job in a fresh worker; `following`: candidates still to probe after this one."""
         assert self.folder is not None and self.pool is not None
+        if job.world_size > 1:
+            from peftpick.probes.torchrun import run_distributed
+
+            message, wall = run_distributed(job, self.folder, self.options.timeout)
+            return _Outcome(message, wall, {})
         worker = self.pool.take(ahead=min(self._spares, following))
         job_path = self.folder / f"job-{worker.number}.pkl"
         with job_path.open("wb") as handle:
@@ -495,8 +512,17 @@ class _ProbeRun:
             learning_rate=self._learning_rate(candidate),
             data=self.data.description,
             phase_seconds={name: round(seconds, 4) for name, seconds in phases.items()},
-            notes=tuple(extra_notes),
+            notes=tuple(extra_notes) + tuple(message.get("notes") or ()),
+            gpus=self.options.gpus,
+            ranks=tuple(_rank_summary(rank) for rank in message.get("ranks") or ()),
         )
+
+
+def _rank_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What a rank's record says for people and the cache: status, error, peaks, step time."""
+    keys = ("rank", "status", "error", "peak_allocated", "peak_reserved", "nvml_used", "step_seconds", "trainable",
+            "total", "breakdown")
+    return {key: record[key] for key in keys if key in record}
 
 
 def pack_tokens(run: _ProbeRun) -> tuple[str, tuple[str, ...]]:

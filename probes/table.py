@@ -131,6 +131,10 @@ def footnotes(results: Sequence[ProbeResult]) -> list[str]:
         lines.append(f"{cached} of {len(results)} result(s) came from the probe cache (--no-cache measures again).")
     for r in results:
         name = r.display_name or r.method
+        peaks = [(rank.get("rank"), rank.get("peak_reserved")) for rank in r.ranks if rank.get("peak_reserved")]
+        if peaks:
+            lines.append(f"{name} on {r.gpus} GPUs, peak reserved per rank: "
+                         + ", ".join(f"rank {rank} {value / 2**30:.2f} GiB" for rank, value in peaks))
         if r.oom_settings and r.status == "ok":
             lines.append(f"{name}: out of memory with {len(r.oom_settings)} costlier setting(s); the one shown fits.")
         elif r.status == "oom":

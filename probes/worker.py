@@ -78,11 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------- the probe
 
 
-def run_job(job: ProbeJob, send: Send) -> dict[str, Any]:
-    """Run `job` and return the result message (status ok / oom / error with what was measured)."""
+def run_job(job: ProbeJob, send: Send, wrap: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Run `job` and return the result message (status ok / oom / error with what was measured). `wrap`: applied
+    to the model once the adapter is on it, before the optimizer is built (probes.torchrun shards it there)."""
     import torch
 
-    probe = _Probe(job, send)
+    probe = _Probe(job, send, wrap)
     try:
         probe.run()
         probe.record["status"] = "ok"
@@ -100,10 +101,11 @@ def run_job(job: ProbeJob, send: Send) -> dict[str, Any]:
 
 
 class _Probe:
-    def __init__(self, job: ProbeJob, send: Send):
+    def __init__(self, job: ProbeJob, send: Send, wrap: Callable[[Any], Any] | None = None):
         import torch
 
         self.job = job
+        self.wrap = wrap
         self.send = send
         self.program: ProbeProgram = probe_program(job.workload)
         self.device = torch.device(job.device)
@@ -132,6 +134,9 @@ class _Probe:
         self._lap("cuda_init")
 
         model, trainable = self._model()
+        if self.wrap is not None:
+            model = self.wrap(model)
+            trainable = [p for p in model.parameters() if p.requires_grad]  # the wrapper's (sharded) parameters
         optimizer = self._optimizer(model, trainable)
         next_batch = self.program.batches(job, self.device, getattr(torch, job.shape.dtype))
         self.record.update(_parameter_counts(model))
@@ -338,6 +343,7 @@ def _breakdown(model, optimizer, trainable, device, peak: int, full: bool) -> di
     def nbytes(tensors) -> int:
         total = 0
         for tensor in tensors:
+            tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a rank's shard (FSDP2)
             if tensor.device != device or tensor.data_ptr() in seen:
                 continue
             seen.add(tensor.data_ptr())
@@ -405,6 +411,8 @@ def _fault_for(job: ProbeJob) -> dict[str, Any] | None:
     if job.shape.batch_size <= int(fault.get("above_micro_batch", 0)):
         return None
     if fault.get("unless_checkpointing") and job.shape.gradient_checkpointing:
+        return None
+    if "rank" in fault and int(fault["rank"]) != int(os.environ.get("RANK", 0)):
         return None
     return {"kind": fault["kind"], "step": int(fault.get("step", 1))}
 

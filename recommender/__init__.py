@@ -114,6 +114,11 @@ def recommend(
         raise PeftpickError("--packing packs the examples of --data into full rows, and no --data was given",
                             "pass --data FILE with --packing, or drop --packing")
     request = dataclasses.replace(request, packing=bool(packing))
+    if request.gpus > 1 and probe is True:
+        raise PeftpickError("the recommendation probes one GPU, and a multi-GPU plan's memory is its sharded "
+                            "figure", f"drop --probe, and measure the plan with `peftpick probe --gpus {request.gpus}`")
+    if request.gpus > 1:
+        probe = False  # the single-GPU probe would not measure the sharded run (see `peftpick probe --gpus`)
     probing = ProbeRequest(probe, probe_steps, probe_top, data, probe_device, bool(cache))
     with WorkerPool(workers or 1) as pool, _estimate_cache(cache) as estimates:
         return _recommend(request, model, methods, kb, progress, pool, probing, estimates)
@@ -714,6 +719,10 @@ def _assumptions(request: Request, arch, probes: tuple[ProbeResult, ...] = (), g
     elif probe_wanted is None:  # automatic probing found no CUDA GPU that torch can use
         memory = ("no CUDA GPU usable here, so nothing was probed: memory figures are estimates from tracing the "
                   "training step on the meta device")
+    elif request.gpus > 1:
+        memory = (f"not probed (the recommendation's probes run on one GPU): per-GPU figures are estimates from "
+                  f"tracing the training step on the meta device; `peftpick probe --gpus {request.gpus}` measures the "
+                  "FSDP2 run on this machine's GPUs")
     else:
         memory = ("not probed (--no-probe): memory figures are estimates from tracing the training step on the "
                   "meta device")
