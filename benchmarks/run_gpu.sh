@@ -95,6 +95,11 @@ if [ "${LEVERS:-0}" = "1" ]; then
     measure_and_compare levers lever --levers
 fi
 
+GPU_COUNT=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$GPU_COUNT" -gt 1 ]; then
+    # per-rank peaks of each multi-GPU strategy beside the per-GPU estimate (DeepSpeed's only where it is installed)
+    step sharding "$PYTHON" benchmarks/measure_sharding.py --gpus "$GPU_COUNT" --out "$RESULTS/$SLUG-sharding.jsonl"
+fi
 step probe_speed "$PYTHON" benchmarks/probe_speed.py --save "$RESULTS/$SLUG-probe-speed.json"
 step probe_vs_reference "$PYTHON" benchmarks/probe_vs_reference.py --save "$RESULTS/$SLUG-probe-vs-reference.jsonl"
 
