@@ -325,14 +325,13 @@ def estimate_command(
     """Estimate peak GPU memory of one training setting, without a GPU."""
     with _handled_errors():
         from peftpick.recommender.request import validate_gpus
-        from peftpick.types import Strategy as _Strategy
 
-        sharding = {"gpus": 1, "strategy": _Strategy.SINGLE}
-        if gpus != 1 or strategy != _Strategy.SINGLE.value:
-            if gpus > 1 and strategy == _Strategy.SINGLE.value:
+        sharding = {"gpus": 1, "strategy": Strategy.SINGLE}
+        if gpus != 1 or strategy != Strategy.SINGLE.value:
+            if gpus > 1 and strategy == Strategy.SINGLE.value:
                 raise PeftpickError("--gpus needs a --strategy for the estimate", "pass e.g. --strategy fsdp2")
             sharding = validate_gpus(gpus, strategy, quant)
-            if sharding["strategy"] is _Strategy.AUTO:
+            if sharding["strategy"] is Strategy.AUTO:
                 raise PeftpickError("the estimate needs a named --strategy",
                                     "pass e.g. --strategy fsdp2 (peftpick --gpus N chooses one for you)")
         adapter = _adapter_choice(adapter_config, method, rank, targets)
@@ -344,7 +343,7 @@ def estimate_command(
                               gradient_checkpointing=grad_ckpt, optimizer=optimizer, dtype=dtype, rank=rank,
                               targets=target_list, quant=quant, loss=loss, trainer=trainer,
                               **({"exact": True} if exact else {}))
-            if sharding["strategy"] is not _Strategy.SINGLE:
+            if sharding["strategy"] is not Strategy.SINGLE:
                 from peftpick.estimator.sharding import per_gpu
                 from peftpick.knowledge.architectures import resolve_model
 
