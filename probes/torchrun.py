@@ -91,7 +91,8 @@ def combine(ranks: dict[int, dict[str, Any]], world_size: int, code: int | None,
             timeout: float, log_tail: str = "") -> dict[str, Any]:
     """One result message from every rank's: the busiest rank's peaks; the first failure named by its rank."""
     backend = next((r.get("backend") for r in ranks.values() if r.get("backend")), "?")
-    failed = {rank: r for rank, r in ranks.items() if r.get("status") != "ok"}
+    stopped = {rank for rank, r in ranks.items() if r.get("status") == "stopped"}  # by torchrun, not the cause
+    failed = {rank: r for rank, r in ranks.items() if r.get("status") not in ("ok", "stopped")}
     oom = {rank: r for rank, r in failed.items() if r.get("status") == "oom"}
     missing = [rank for rank in range(world_size) if rank not in ranks]
     base = dict(ranks.get(0) or next(iter(ranks.values()), {}))
@@ -108,8 +109,8 @@ def combine(ranks: dict[int, dict[str, Any]], world_size: int, code: int | None,
         words = "torchrun exit code " + str(code) if code is not None else "stopped"
         base.update(status="error", error=f"rank {missing[0]} wrote no result ({words}); last output: "
                     f"{log_tail or 'none'}")
-    elif failed:
-        rank, record = min(failed.items())
+    elif failed or stopped:
+        rank, record = min(failed.items()) if failed else (min(stopped), ranks[min(stopped)])
         base.update(status="error", error=f"rank {rank}: {record.get('error')}")
     else:
         base["status"] = "ok"
@@ -160,6 +161,14 @@ def _rank_main(job_path: str, out: str) -> int:
     cuda = job.device.startswith("cuda")
     backend = "nccl" if cuda else "gloo"
     record: dict[str, Any] = {"rank": rank, "backend": backend, "status": "error"}
+    result = Path(out, f"rank-{rank}.json")
+
+    def stopped(_signum, _frame) -> None:
+        # torchrun stops the other ranks when one fails: say so, so the one that failed is the one named
+        result.write_text(json.dumps({**record, "status": "stopped", "error": "stopped by torchrun"}))
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, stopped)
     try:
         if cuda:
             job = dataclasses.replace(job, device=f"cuda:{local_rank}")
@@ -170,7 +179,8 @@ def _rank_main(job_path: str, out: str) -> int:
     except Exception as error:  # noqa: BLE001 - what stopped this rank goes into its file
         record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
     finally:
-        Path(out, f"rank-{rank}.json").write_text(json.dumps(record))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        result.write_text(json.dumps(record))
     if record.get("status") == "ok":
         dist.destroy_process_group()
         return 0

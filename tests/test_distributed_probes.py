@@ -73,6 +73,9 @@ def test_combine_takes_the_busiest_rank_and_names_the_failing_one():
     failed = combine({0: ok[0], 1: {"status": "oom", "error": "OutOfMemoryError: x"}}, 2, 1, False, 60)
     assert failed["status"] == "oom" and failed["error"] == "rank 1: OutOfMemoryError: x"
     assert combine({0: ok[0]}, 2, None, True, 60)["error"].startswith("timed out after 60 s on 2 ranks")
+    # rank 0 stopped by torchrun after rank 1 died without a result: rank 1 is named
+    stopped = {0: {"status": "stopped", "error": "stopped by torchrun"}}
+    assert combine(stopped, 2, 1, False, 60)["error"].startswith("rank 1 wrote no result")
 
 
 @pytest.mark.parametrize("gpus, words", [(0, "positive whole number"), ("two", "positive whole number"),
