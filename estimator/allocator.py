@@ -72,6 +72,7 @@ class CachingAllocatorModel:
         self._free: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
         self._by_key: dict[tuple[int, int], _Block] = {}
         self._live: dict[int, _Block] = {}
+        self.live_handles = self._live.keys()  # handles allocated and not freed (a live view)
         self._next_addr = 1 << 40
 
     def malloc(self, handle: int, nbytes: int) -> int:

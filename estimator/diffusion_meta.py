@@ -1,14 +1,8 @@
 """Machinery the denoiser estimate adds to the tracer, allocator model and replay (`diffusion.py` uses it).
 
-- `FastStorageTracker`: the `StorageTracker` with a cache of operator results. On the meta device most
-  elementwise operators compute their output shape in Python (torch._refs / torch._prims), about 0.3 ms each;
-  a denoiser's training step runs some 13,000 of them. An operator that returns fresh tensors (no alias, no
-  mutated argument) gives outputs whose shapes, strides and dtypes follow from its inputs' shapes, strides and
-  dtypes and its plain arguments alone, so the first call's answer is remembered and later calls build empty
-  tensors of that layout. In-place operators return their first argument unchanged (on meta they only check
-  shapes). What the tracer records is unchanged: the same storages are created in the same order. It also
-  logs the buffers some CUDA kernels allocate inside the call and free before returning, which their meta
-  kernels do not make (cuFFT work areas, cuBLAS operand copies: `kernels.cuda_temporaries`).
+- `FastStorageTracker`: the `StorageTracker` whose value questions `_Answers` answers, and which logs the
+  buffers some CUDA kernels allocate inside the call and free before returning, which their meta kernels do
+  not make (cuFFT work areas, cuBLAS operand copies: `kernels.cuda_temporaries`).
 - `ProgramAllocator`: the caching-allocator model plus `torch.cuda.empty_cache()` (release every segment that
   holds no allocated block), which the PEFT image suite calls before training and after every evaluation.
 - `replay_windows`: replay with markers: `BASELINE` (the reserved bytes a measurement subtracts), `EMPTY_CACHE`,
@@ -30,103 +24,11 @@ from torch.utils._pytree import tree_leaves
 
 from peftpick.estimator.allocator import CachingAllocatorModel
 from peftpick.estimator.kernels import cuda_temporaries
-from peftpick.estimator.tracer import ALLOC, FREE, MetaValues, StorageTracker, Trace
+from peftpick.estimator.tracer import ALLOC, FREE, MetaValues, StorageTracker, Trace, run_operator
 
 EMPTY_CACHE = 2
 RESET_PEAK = 3
 BASELINE = 4
-
-# ------------------------------------------------------------------------------------------ fast tracing
-
-_UNCACHEABLE = object()
-_RESULTS: dict = {}
-_KIND: dict = {}
-# in-place operators that change their argument's shape or strides: always run
-_RESHAPING = frozenset({
-    "resize_", "resize_as_", "set_", "squeeze_", "unsqueeze_", "transpose_", "t_", "as_strided_", "swapdims_",
-    "swapaxes_", "detach_", "sparse_resize_", "sparse_resize_and_clear_", "resize_as_sparse_", "_coalesced_",
-})
-
-
-def _kind(func) -> str:
-    kind = _KIND.get(func)
-    if kind is None:
-        schema = func._schema
-        mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
-        aliases = any(r.alias_info is not None for r in schema.returns)
-        name = func.overloadpacket.__name__
-        if not mutates and not aliases and schema.returns and all(str(r.type).startswith("Tensor") for r in schema.returns):
-            kind = "fresh"
-        elif (mutates and name.endswith("_") and name not in _RESHAPING and not name.startswith("_foreach")
-              and len(schema.returns) == 1 and schema.returns[0].alias_info is not None
-              and schema.arguments and schema.arguments[0].alias_info is not None
-              and schema.arguments[0].alias_info.is_write):
-            kind = "inplace"
-        else:
-            kind = "other"
-        _KIND[func] = kind
-    return kind
-
-
-def _key(x):
-    if isinstance(x, torch.Tensor):
-        if x.device.type != "meta" or x.layout != torch.strided or x.is_conj() or x.is_neg():
-            raise TypeError
-        return (x.shape, x.stride(), x.dtype, x.storage_offset())
-    if isinstance(x, (list, tuple)):
-        return tuple(_key(y) for y in x)
-    if x is None or isinstance(x, (int, float, bool, str, torch.dtype, torch.device, torch.layout, torch.memory_format)):
-        return (x.__class__, x)
-    raise TypeError
-
-
-def _run(func, args, kwargs):
-    kind = _kind(func)
-    if kind == "inplace" and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
-        return args[0]
-    if kind != "fresh":
-        return func(*args, **kwargs)
-    try:
-        key = (func, _key(args), _key(tuple(kwargs.items())) if kwargs else None)
-    except TypeError:
-        return func(*args, **kwargs)
-    hit = _RESULTS.get(key)
-    if hit is not None and hit is not _UNCACHEABLE:
-        container, layouts = hit
-        outs = [None if lay is None else torch.empty_strided(lay[0], lay[1], dtype=lay[2], device="meta")
-                for lay in layouts]
-        return outs[0] if container is None else container(outs)
-    out = func(*args, **kwargs)
-    if hit is _UNCACHEABLE:
-        return out
-    if isinstance(out, torch.Tensor):
-        container, leaves = None, [out]
-    elif isinstance(out, (tuple, list)):
-        container, leaves = type(out), list(out)
-    else:
-        _RESULTS[key] = _UNCACHEABLE
-        return out
-    layouts = []
-    # outputs must own new storages: some schemas do not declare an alias they make (aten::_unsafe_view)
-    storages = {a.untyped_storage()._cdata for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
-                and a.layout == torch.strided}
-    for t in leaves:
-        if t is None:
-            layouts.append(None)
-            continue
-        if not isinstance(t, torch.Tensor) or t.device.type != "meta" or t.layout != torch.strided or t.storage_offset():
-            _RESULTS[key] = _UNCACHEABLE
-            return out
-        storage = t.untyped_storage()
-        extent = 0 if t.numel() == 0 else (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
-        if storage.nbytes() != extent or storage._cdata in storages:  # a view into a larger buffer, or shared
-            _RESULTS[key] = _UNCACHEABLE
-            return out
-        storages.add(storage._cdata)
-        layouts.append((tuple(t.shape), tuple(t.stride()), t.dtype))
-    _RESULTS[key] = (container, layouts)
-    return out
-
 
 # ------------------------------------------------------------------------------------------ value questions
 
@@ -209,8 +111,8 @@ class MetaAnswers(MetaValues):
 
 
 class FastStorageTracker(StorageTracker):
-    """`StorageTracker` whose operators run through the result cache (see the module docstring) and whose
-    value questions `_Answers` answers."""
+    """`StorageTracker` whose value questions `_Answers` answers (operators run through the tracer's result
+    cache, `tracer.run_operator`)."""
 
     def __init__(self, vocab_size=None, nonzero_rows=None) -> None:
         super().__init__(vocab_size, nonzero_rows)
@@ -220,7 +122,7 @@ class FastStorageTracker(StorageTracker):
         kwargs = kwargs or {}
         out = self._answers(func, args, kwargs)
         if out is NotImplemented:
-            out = _run(func, args, kwargs)
+            out = run_operator(func, args, kwargs)
         if isinstance(out, torch.Tensor):
             leaves = (out,)
         elif isinstance(out, (tuple, list)) and all(isinstance(x, torch.Tensor) or x is None for x in out):

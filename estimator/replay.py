@@ -31,28 +31,35 @@ def _category(trace: Trace, handle: int) -> str:
     return "activations"
 
 
+def _live_parts(trace: Trace, last: int) -> Counter[str]:
+    """Requested bytes by breakdown part of what is live right after event `last`."""
+    live: dict[int, tuple[str, int]] = {}
+    for kind, handle, nbytes, _unit in trace.events[:last + 1]:
+        if kind == ALLOC:
+            live[handle] = (_category(trace, handle), nbytes)
+        else:
+            live.pop(handle, None)
+    parts: Counter[str] = Counter()
+    for part, nbytes in live.values():
+        parts[part] += nbytes
+    return parts
+
+
 def replay(trace: Trace) -> ReplayResult:
     allocator = CachingAllocatorModel()
     stats = allocator.stats
-    live_raw: dict[int, int] = {}
-    by_part: Counter[str] = Counter()
-    category: dict[int, str] = {}
-    peak_parts: Counter[str] = Counter()
+    malloc, free, live = allocator.malloc, allocator.free, allocator.live_handles
     peak_index = 0
+    # first pass: the allocator's peaks and the event that set the allocated peak
     for index, (kind, handle, nbytes, _unit) in enumerate(trace.events):
         if kind == ALLOC:
             before = stats.peak_allocated
-            allocator.malloc(handle, nbytes)
-            part = _category(trace, handle)
-            category[handle] = part
-            live_raw[handle] = nbytes
-            by_part[part] += nbytes
+            malloc(handle, nbytes)
             if stats.peak_allocated > before:
-                peak_parts = by_part.copy()
                 peak_index = index
-        elif handle in live_raw:
-            allocator.free(handle)
-            by_part[category.pop(handle)] -= live_raw.pop(handle)
+        elif handle in live:
+            free(handle)
+    peak_parts = _live_parts(trace, peak_index)
     # parts only some runs have (a quantized base's "quantized weights", "fp32 upcasts", "dequantization")
     # follow the weights
     extra = [part for part, n in sorted(peak_parts.items(), reverse=True) if part not in BREAKDOWN_PARTS and n > 0]
