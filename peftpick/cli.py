@@ -119,7 +119,8 @@ def _version_callback(value: bool) -> None:
 
 _RECOMMEND_OPTIONS = ("model", "vram", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size",
                       "methods", "json_output", "report", "probe", "probe_steps", "data", "resolution", "frames",
-                      "cached_inputs", "loss", "trainer", "emit", "packing", "no_cache", "gpus", "strategy")
+                      "cached_inputs", "loss", "trainer", "emit", "packing", "no_cache", "gpus", "strategy",
+                      "optimizer")
 
 
 @app.callback(invoke_without_command=True)
@@ -187,6 +188,10 @@ def recommend_command(
     trainer: Annotated[str, typer.Option(
         "--trainer", help="Language models: the training loop the estimates model, plain, hf (transformers' Trainer) "
         "or trl (TRL's SFTTrainer).")] = "plain",
+    optimizer: Annotated[Optional[str], typer.Option(
+        "--optimizer", help="The optimizer every method trains with: adamw, adamw-8bit, paged-adamw-8bit, adafactor "
+        "or sgd (LoRA-FA keeps its own); default: AdamW, or bitsandbytes' 8-bit AdamW for a method that fits no "
+        "other way.", show_default=False)] = None,
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Estimate and probe again: neither read nor write the caches ($PEFTPICK_CACHE_DIR, "
         "else ~/.cache/peftpick).")] = False,
@@ -245,7 +250,7 @@ def recommend_command(
                                      ("cached_inputs", cached_inputs, True), ("loss", loss, None),
                                      ("trainer", trainer, "plain"), ("packing", packing, False),
                                      ("cache", not no_cache, True), ("gpus", gpus, 1),
-                                     ("strategy", strategy, Strategy.AUTO.value)):
+                                     ("strategy", strategy, Strategy.AUTO.value), ("optimizer", optimizer, None)):
             if value != default:
                 extra[name] = value
         if _accepts(recommend, "workers"):

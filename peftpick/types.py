@@ -56,6 +56,11 @@ class Optimizer(str, Enum):
     LORA_FA = "lora-fa"  # PEFT's LoRA-FA optimizer (LoRA only)
 
 
+OPTIMIZER_LABELS = {"adamw": "AdamW", "adamw-8bit": "8-bit AdamW (bitsandbytes)",
+                    "paged-adamw-8bit": "paged 8-bit AdamW (bitsandbytes)", "adafactor": "Adafactor",
+                    "sgd": "SGD with momentum", "lora-fa": "LoRA-FA"}
+
+
 class LossKernel(str, Enum):
     """How the language-model loss is computed."""
 
@@ -359,6 +364,13 @@ class TrainingPlan:
     loss: str = "stock"  # a LossKernel value: the planner may pick Liger's fused cross-entropy
     # what the loss kernel saved against the stock loss (bytes reserved, measured on plain LoRA), when it was picked
     loss_saving_bytes: int | None = None
+    # optimizer-state bytes the planner's switch to 8-bit AdamW saved against AdamW, when it switched
+    optimizer_saving_bytes: int | None = None
+
+    @property
+    def optimizer(self) -> str:
+        """The optimizer the plan trains with (an Optimizer value)."""
+        return self.estimate.shape.optimizer
 
     @property
     def gpus(self) -> int:
@@ -473,6 +485,7 @@ class Request:
     packing: bool = False  # examples packed into rows of seq_len tokens (needs the data)
     gpus: int = 1  # GPUs of `vram_gib` each on one node
     strategy: Strategy = Strategy.AUTO
+    optimizer: Optimizer | None = None  # None: each method's own (AdamW; LoRA-FA's), 8-bit AdamW where needed to fit
 
 
 @dataclass(frozen=True)

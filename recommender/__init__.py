@@ -24,6 +24,7 @@ from peftpick.types import (
     Candidate,
     Exclusion,
     LengthProfile,
+    OPTIMIZER_LABELS,
     LossKernel,
     ProbeResult,
     Quant,
@@ -72,6 +73,7 @@ def recommend(
     cache: bool = True,
     gpus: int = 1,
     strategy: str = "auto",
+    optimizer: str | None = None,
 ) -> Recommendation:
     """Rank PEFT methods for training `model` on a GPU with `vram_gb` GiB and serving on `serve`.
 
@@ -100,11 +102,14 @@ def recommend(
     gpus: GPUs of `vram_gb` each on one node; strategy: "auto" (the cheapest that fits: no sharding when one GPU
         is enough), "ddp", "fsdp2", "zero2", "zero3" or their "-offload" variants. With several GPUs the figures
         are per GPU, and the single-GPU QLoRA plan is made beside them (`Recommendation.alternative`).
+    optimizer: what every method trains with ("adamw", "adamw-8bit", "paged-adamw-8bit", "adafactor", "sgd";
+        LoRA-FA keeps its own); None: AdamW, switched to bitsandbytes' 8-bit AdamW for a method that fits in no
+        other setting (the report says what it saved).
     cache: read and write the estimate and probe caches ($PEFTPICK_CACHE_DIR, else ~/.cache/peftpick): an
         estimate already made for the same model, method, shape and library versions is not traced again.
     """
     request = validate_request(model, vram_gb, serve, multi_adapter, quant, goal, seq_len, batch_size, resolution,
-                               frames, cached_inputs, loss, trainer, gpus, strategy)
+                               frames, cached_inputs, loss, trainer, gpus, strategy, optimizer)
     if probe not in (None, True, False):
         raise PeftpickError(f"probe must be True, False or None (automatic), got {probe!r}",
                             "pass probe=False for estimates only")
@@ -182,7 +187,9 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
     per_gpu_batch = -(-request.batch_size // request.gpus)
     planner = Planner(arch, request.vram_gib, per_gpu_batch, seq_len, request.quant,
                       base_shape=base_shape, loss_lever=request.loss is None and not trl and _liger_patches(arch),
-                      cache=estimates, gpus=request.gpus, strategies=strategies_for(request))
+                      cache=estimates, gpus=request.gpus, strategies=strategies_for(request),
+                      optimizer=request.optimizer.value if request.optimizer is not None else None,
+                      optimizer_lever=request.optimizer is None)
     serving = _ServingJudge(kb, request, arch)
     allowed = []
     for candidate in candidates:
@@ -523,7 +530,9 @@ def _memory_exclusion(candidate: Candidate, plan, request: Request) -> Exclusion
     return Exclusion(
         candidate.method, candidate.display_name, "memory",
         f"{candidate.display_name}: needs about {need:.1f} GiB{_per_gpu_words(plan)} even with micro-batch "
-        f"{plan.micro_batch} and gradient checkpointing (estimated), more than {request.vram_gib:g} GiB; "
+        f"{plan.micro_batch} and gradient checkpointing"
+        + (f" and {OPTIMIZER_LABELS[plan.optimizer]}" if plan.optimizer != candidate.optimizer else "")
+        + f" (estimated), more than {request.vram_gib:g} GiB; "
         f"{_shrink_hint(request)}{trl_hint}",
     )
 
@@ -569,6 +578,15 @@ def _loss_lever_words(plan: TrainingPlan) -> str | None:
             f"{CHECKPOINTING_SLOWDOWN:g}x slower: it recomputes the forward in backward; not measured here).")
 
 
+def _optimizer_lever_words(plan: TrainingPlan) -> str | None:
+    """What the planner's switch to 8-bit AdamW bought, in one sentence (None when it did not switch)."""
+    if plan.optimizer_saving_bytes is None:
+        return None
+    return (f"bitsandbytes' 8-bit AdamW (pip install bitsandbytes; CUDA) keeps {plan.optimizer_saving_bytes / GIB:.1f} "
+            "GiB less optimizer state than AdamW, which does not fit here; the benchmark's quality figures were "
+            "measured with AdamW.")
+
+
 def _per_gpu_words(plan: TrainingPlan) -> str:
     """" per GPU with fsdp2 over 4 GPUs" for a multi-GPU plan, "" for one GPU."""
     return "" if plan.gpus == 1 and plan.strategy == "single" else f" per GPU with {plan.strategy} over {plan.gpus} GPUs"
@@ -603,9 +621,9 @@ def _verdict(ranked: list[RankedCandidate], excluded: list[Exclusion], request: 
     words.append(f"Peak: {plan.estimate.peak_reserved_bytes / GIB:.1f} GiB reserved ({source}) with micro-batch "
                  f"{plan.micro_batch}" + (f" x {plan.gradient_accumulation} accumulation" if plan.gradient_accumulation > 1 else "")
                  + (" and gradient checkpointing" if plan.gradient_checkpointing else "") + f" ({plan.fit}).")
-    lever = _loss_lever_words(plan)
-    if lever:
-        words.append(lever)
+    for lever in (_loss_lever_words(plan), _optimizer_lever_words(plan)):
+        if lever:
+            words.append(lever)
     words.append(best.serving.reason.rstrip(".") + ".")
     if best.flags:
         words.append("Warning: every ranked method was flagged: " + best.flags[0] + ".")

@@ -63,7 +63,8 @@ class Planner:
 
     def __init__(self, arch: Architecture, vram_gib: float, batch_size: int, seq_len: int, quant: Quant,
                  estimator: Estimator | None = None, base_shape: TrainingShape | None = None,
-                 loss_lever: bool = False, cache: Any = None, gpus: int = 1, strategies: tuple = ()):
+                 loss_lever: bool = False, cache: Any = None, gpus: int = 1, strategies: tuple = (),
+                 optimizer: str | None = None, optimizer_lever: bool = False):
         """`base_shape`: what every planned setting keeps (a denoiser's resolution, frames, cached inputs, the
         dtype, the loop); the planner sets micro-batch, accumulation, checkpointing and the optimizer.
         `loss_lever`: the planner may switch the stock loss to Liger's fused cross-entropy, which drops the full
@@ -72,7 +73,12 @@ class Planner:
         it after (only with the default estimator: another one's figures are not the tracer's).
         `gpus`, `strategies`: every estimate is turned into the per-GPU figures of the first of `strategies`
         (cheapest first, estimator.sharding.COST_ORDER) that fits on `gpus` GPUs of `vram_gib` each, else of the
-        one with the lowest peak; the trace itself is of one process, so it is made (and cached) once."""
+        one with the lowest peak; the trace itself is of one process, so it is made (and cached) once.
+        `optimizer`: every candidate trains with it (LoRA-FA keeps its own); None: each candidate's own (AdamW).
+        `optimizer_lever`: a candidate on AdamW that fits in no setting is planned again with bitsandbytes' 8-bit
+        AdamW (its two moments one byte each: half of AdamW's state for bf16 weights, a quarter for fp32 ones). It
+        comes after checkpointing and smaller micro-batches because the benchmark runs, and so the quality
+        figures, used AdamW."""
         self.arch = arch
         self.vram_gib = vram_gib
         self.batch_size = batch_size
@@ -88,6 +94,12 @@ class Planner:
         self.loss_saving_bytes: int | None = None  # what Liger saved plain LoRA, once the lever is pulled
         self.gpus = gpus
         self.strategies = tuple(strategies) or (("single",) if gpus == 1 else ("ddp",))
+        self.optimizer = optimizer
+        self._optimizer_lever = optimizer_lever
+
+    def optimizer_of(self, candidate: Candidate) -> str:
+        """The optimizer `candidate` is planned with before any lever."""
+        return candidate.optimizer if self.optimizer is None or candidate.optimizer == "lora-fa" else self.optimizer
 
     def settings(self, checkpointing: bool = True, plain_first: bool = True) -> list[tuple[int, bool]]:
         """(micro-batch, gradient checkpointing) in the order tried: the requested batch without and with
@@ -128,6 +140,7 @@ class Planner:
             plain_first, saving = self._checkpointing_saving(candidates, workers, progress)
             queues = {c.method: list(self.settings(can_checkpoint(c), plain_first)) for c in candidates}
             found: dict[str, TrainingPlan] = {}  # best plan so far
+            first_tried: dict[str, MemoryEstimate] = {}  # each candidate's first estimate with its own optimizer
             scheduler = _Scheduler(self, workers, progress)
             for candidate in candidates:
                 scheduler.request(candidate, *queues[candidate.method].pop(0))
@@ -136,9 +149,13 @@ class Planner:
                 if isinstance(outcome, PeftpickError):
                     result[method] = outcome
                     continue
+                lever = outcome.shape.optimizer != self.optimizer_of(candidate)
+                if not lever:
+                    first_tried.setdefault(method, outcome)
                 plan = TrainingPlan(micro, outcome.shape.gradient_accumulation, ckpt, outcome,
                                     fit_of(outcome, self.vram_gib), outcome.shape.loss,
-                                    self.loss_saving_bytes if outcome.shape.loss == "liger" else None)
+                                    self.loss_saving_bytes if outcome.shape.loss == "liger" else None,
+                                    _optimizer_saving(first_tried.get(method), outcome) if lever else None)
                 found[method] = _better(plan, found.get(method), self._strategy_rank)
                 if plan.fit != "fits":
                     if not _may_fit(_fixed_bytes(outcome), self.vram_gib):
@@ -148,7 +165,9 @@ class Planner:
                 else:
                     worth_plain = (ckpt and micro == self.batch_size and not plain_first and saving is not None
                                    and _may_fit(outcome.peak_reserved_bytes + PLAIN_RETRY_SHARE * saving, self.vram_gib))
-                    queues[method] = [(micro, False)] if worth_plain else []
+                    queues[method] = [(micro, False, outcome.shape.optimizer)] if worth_plain else []
+                if not queues[method] and not lever and self._wants_8bit(candidate, found[method]):
+                    queues[method] = [(m, c, EIGHT_BIT_ADAMW) for m, c in self.settings(can_checkpoint(candidate))]
                 if queues[method]:
                     # on to the next setting, ahead of candidates not started: a slow method's last estimate
                     # then runs beside the others instead of after them
@@ -156,6 +175,15 @@ class Planner:
         for method, plan in found.items():
             result.setdefault(method, plan)
         return result
+
+    def _wants_8bit(self, candidate: Candidate, plan: TrainingPlan) -> bool:
+        """Whether the optimizer lever applies: it may, the candidate trains with AdamW and fits in no setting
+        tried, and what the optimizer holds at the peak (its state and the step's temporaries, more than 8 bits can
+        save) is large enough to change that."""
+        if not self._optimizer_lever or self.optimizer_of(candidate) != "adamw" or plan.fit != "does not fit":
+            return False
+        estimate = plan.estimate
+        return _may_fit(estimate.peak_reserved_bytes - estimate.breakdown.get("optimizer", 0), self.vram_gib)
 
     def _hopeless_full_fine_tuning(self, candidate: Candidate) -> TrainingPlan | None:
         """Full fine-tuning whose weights and gradients alone (two bytes each per parameter in bf16) exceed the
@@ -237,7 +265,7 @@ class Planner:
         known = self._estimates[key]
         if isinstance(known, PeftpickError):
             return known
-        return self._placed(dataclasses.replace(known, shape=self._shape(candidate, micro, ckpt, key[-1])))
+        return self._placed(dataclasses.replace(known, shape=self._shape(candidate, micro, ckpt, *key[-2:])))
 
     def _strategy_rank(self, plan: TrainingPlan) -> int:
         """0 for the cheapest strategy the planner may use, 1 for the next, ..."""
@@ -265,10 +293,12 @@ class Planner:
         assert best is not None
         return best
 
-    def _shape(self, candidate: Candidate, micro: int, ckpt: bool, loss: str | None = None) -> TrainingShape:
+    def _shape(self, candidate: Candidate, micro: int, ckpt: bool, loss: str | None = None,
+               optimizer: str | None = None) -> TrainingShape:
         return dataclasses.replace(self._base_shape, batch_size=micro, seq_len=self.seq_len,
                                    gradient_checkpointing=ckpt, gradient_accumulation=-(-self.batch_size // micro),
-                                   optimizer=candidate.optimizer, loss=loss or self._base_shape.loss)
+                                   optimizer=optimizer or self.optimizer_of(candidate),
+                                   loss=loss or self._base_shape.loss)
 
 
 class _Scheduler:
@@ -282,24 +312,26 @@ class _Scheduler:
         self.waiting: dict[tuple, list[tuple[Candidate, int, bool]]] = {}
         self.ready: list[tuple[Candidate, int, bool, MemoryEstimate | PeftpickError]] = []
 
-    def request(self, candidate: Candidate, micro: int, ckpt: bool, first: bool = False,
-                loss: str | None = None) -> None:
-        """Ask for the estimate of one setting (`loss`: another loss kernel than the planner's current one)."""
+    def request(self, candidate: Candidate, micro: int, ckpt: bool, optimizer: str | None = None,
+                first: bool = False, loss: str | None = None) -> None:
+        """Ask for the estimate of one setting (`loss`, `optimizer`: other than the planner's current ones)."""
         planner = self.planner
-        key = (memory_signature(candidate), micro, ckpt, loss or planner._base_shape.loss)
+        key = (memory_signature(candidate), micro, ckpt, loss or planner._base_shape.loss,
+               optimizer or planner.optimizer_of(candidate))
         if key in planner._estimates:
             self.ready.append((candidate, micro, ckpt, planner._known(key, candidate, micro, ckpt)))
         elif key in self.waiting:
             self.waiting[key].append((candidate, micro, ckpt))
         else:
-            shape = planner._shape(candidate, micro, ckpt, key[-1])
+            shape = planner._shape(candidate, micro, ckpt, *key[-2:])
             cached = planner._from_disk(key, shape)
             if cached is not None:  # no trace, and no PEFT config built (nothing imports torch)
                 planner._estimates[key] = cached
                 self.ready.append((candidate, micro, ckpt, planner._known(key, candidate, micro, ckpt)))
                 return
             self.waiting[key] = [(candidate, micro, ckpt)]
-            label = f"{candidate.display_name}, micro-batch {micro}{', checkpointing' if ckpt else ''}"
+            label = (f"{candidate.display_name}, micro-batch {micro}{', checkpointing' if ckpt else ''}"
+                     + (f", {shape.optimizer}" if shape.optimizer != candidate.optimizer else ""))
             self.pool.submit(planner._estimator, (planner.arch, _traceable_config(candidate), shape), label, key,
                              first)
 
@@ -321,6 +353,21 @@ class _Scheduler:
 def can_checkpoint(candidate: Candidate) -> bool:
     """PEFT refuses gradient checkpointing with prefix tuning (its past key values are not recomputable)."""
     return candidate.peft_type != "PREFIX_TUNING"
+
+
+EIGHT_BIT_ADAMW = "adamw-8bit"
+
+
+def _optimizer_saving(adamw: MemoryEstimate | None, eight_bit: MemoryEstimate) -> int | None:
+    """Optimizer-state bytes 8-bit AdamW saved against AdamW (None when AdamW was not estimated)."""
+    if adamw is None:
+        return None
+    return _state_bytes(adamw) - _state_bytes(eight_bit)
+
+
+def _state_bytes(estimate: MemoryEstimate) -> int:
+    """The optimizer's state after its first step (traced; else the optimizer part at the peak)."""
+    return int(estimate.layout.get("optimizer_state") or estimate.breakdown.get("optimizer", 0))
 
 
 def _fixed_bytes(estimate: MemoryEstimate) -> int:

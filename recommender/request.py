@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from peftpick.errors import PeftpickError
-from peftpick.types import Goal, LossKernel, Quant, Request, Serve, Strategy, Trainer
+from peftpick.types import Goal, LossKernel, Optimizer, Quant, Request, Serve, Strategy, Trainer
 
 # The largest memory of a single accelerator on sale when this was written (AMD MI355X, 288 GB); anything
 # above is a typo or the memory of several GPUs, which one training process cannot pool.
@@ -76,9 +76,11 @@ def validate_request(
     trainer: Any = Trainer.PLAIN,
     gpus: Any = 1,
     strategy: Any = Strategy.AUTO,
+    optimizer: Any = None,
 ) -> Request:
     """A Request with defaults filled in; vram_gb None means the detected GPU's total memory. loss None lets the
-    planner pick Liger's fused cross-entropy where the stock loss does not fit without checkpointing.
+    planner pick Liger's fused cross-entropy where the stock loss does not fit without checkpointing; optimizer
+    None lets it pick bitsandbytes' 8-bit AdamW for a method that fits no other way.
 
     resolution / frames / cached_inputs apply to diffusion denoisers (checked against the model once it is
     resolved: `validate_for_model`)."""
@@ -120,8 +122,22 @@ def validate_request(
         cached_inputs=bool(cached_inputs),
         loss=None if loss is None else _choice(loss, LossKernel, "--loss"),
         trainer=_choice(trainer, Trainer, "--trainer"),
+        optimizer=_optimizer_choice(optimizer),
         **validate_gpus(gpus, strategy, quant),
     )
+
+
+def _optimizer_choice(optimizer: Any) -> Optimizer | None:
+    """The optimizer every method trains with; LoRA-FA is a method of its own (--methods lora-fa), not a choice
+    for the others."""
+    if optimizer is None:
+        return None
+    chosen = _choice(optimizer, Optimizer, "--optimizer")
+    if chosen is Optimizer.LORA_FA:
+        raise PeftpickError("LoRA-FA's optimizer trains LoRA adapters only, and it is a candidate of its own",
+                            "drop --optimizer (LoRA-FA is ranked as a method), or pick adamw, adamw-8bit, "
+                            "paged-adamw-8bit, adafactor or sgd")
+    return chosen
 
 
 def validate_gpus(gpus: Any, strategy: Any, quant: Any = Quant.NONE) -> dict[str, Any]:

@@ -181,7 +181,7 @@ def plan_text_of(plan: TrainingPlan, candidate: Candidate | None = None) -> str:
     return (
         f"micro-batch {plan.micro_batch} x gradient accumulation {plan.gradient_accumulation}{where} "
         f"(effective batch {effective}), gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}, "
-        + (f"optimizer {optimizer_label(candidate.optimizer)}, learning rate {candidate.learning_rate:g}, "
+        + (f"optimizer {optimizer_label(plan.optimizer)}, learning rate {candidate.learning_rate:g}, "
            if candidate is not None else "")
         + f"{plan.estimate.shape.dtype} weights" + (f", {LOSS_LABELS[plan.loss]}" if plan.loss != "stock" else "")
     )
@@ -197,4 +197,6 @@ LOSS_LABELS = {"liger": "Liger's fused linear cross-entropy (pip install liger-k
 
 
 def optimizer_label(optimizer: str) -> str:
-    return {"adamw": "AdamW", "lora-fa": "LoRA-FA"}.get(optimizer, optimizer)
+    from peftpick.types import OPTIMIZER_LABELS
+
+    return OPTIMIZER_LABELS.get(optimizer, optimizer)

@@ -71,6 +71,7 @@ def request_to_dict(request: Request) -> dict[str, Any]:
         # image and video models only (a language model's request has no resolution)
         "cached_inputs": bool(request.cached_inputs) if request.resolution is not None else None,
         "loss": json_safe(request.loss) if request.loss is not None else None,
+        "optimizer": json_safe(request.optimizer) if request.optimizer is not None else None,
         "trainer": json_safe(request.trainer),
         "packing": bool(request.packing),
         "gpus": int(request.gpus),
@@ -256,6 +257,8 @@ def ranked_to_dict(ranked: RankedCandidate, position: int, vram_gib: float,
             "seq_len": estimate.shape.seq_len,
             "loss": plan.loss,
             "loss_saving_bytes": plan.loss_saving_bytes,
+            "optimizer": plan.optimizer,
+            "optimizer_saving_bytes": plan.optimizer_saving_bytes,
         },
         "evidence": evidence_to_dict(ranked.evidence),
         "serving": {"route": ranked.serving.route, "reason": ranked.serving.reason, "source": ranked.serving.source,
@@ -291,7 +294,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
     |---|---|---|
     | `schema_version` | int | 1; bumped when a key changes meaning or goes away |
     | `peftpick_version` | str | version of peftpick that wrote it |
-    | `request` | object | what was asked: `model` (as given), `vram_gib` (GPU memory the plan must fit), `vram_source` ("given" or "detected: <GPU>"), `serve`, `multi_adapter`, `quant`, `goal`, `seq_len` (tokens), `batch_size` (effective batch), `resolution` / `frames` (image and video models; null otherwise), `cached_inputs` (text embeddings and latents computed beforehand), `loss` (the loss kernel asked for; null: the planner's choice), `trainer`, `packing` |
+    | `request` | object | what was asked: `model` (as given), `vram_gib` (GPU memory the plan must fit), `vram_source` ("given" or "detected: <GPU>"), `serve`, `multi_adapter`, `quant`, `goal`, `seq_len` (tokens), `batch_size` (effective batch), `resolution` / `frames` (image and video models; null otherwise), `cached_inputs` (text embeddings and latents computed beforehand), `loss` (the loss kernel asked for; null: the planner's choice), `optimizer` (asked for; null: each method's own, 8-bit AdamW where only it fits), `trainer`, `packing` |
     | `architecture` | object | figures of the resolved model: `name`, `model_type`, `hidden_size`, `num_layers`, `num_heads`, `num_kv_heads`, `head_dim`, `intermediate_size`, `vocab_size`, `tie_word_embeddings`, `num_experts`, `experts_per_token`, `dtype`, `hub_id`, `local_path`, `source` (where the figures came from), `workload` ("causal-lm" or "denoiser") and `denoiser` (null for language models; else family, diffusers_class, objective, latent_channels, vae_scale, patch, text_dim, text_len, ...) |
     | `gpu` | str \| null | GPU the memory figures were measured on; null when estimated |
     | `assumptions` | [str] | what the figures assume |
@@ -308,7 +311,7 @@ def to_dict(rec: Recommendation) -> dict[str, Any]:
     | `ranked[].total_params` | int | parameters of the adapted model |
     | `ranked[].adapter_bytes` | int | size of the saved adapter (full fine-tuning: the model) |
     | `ranked[].memory` | object | `peak_allocated_bytes`, `peak_reserved_bytes` (the figure that must fit), `peak_allocated_gib`, `peak_reserved_gib`, `breakdown` (bytes allocated at the peak by part: `weights`, `adapter`, `grads`, `optimizer`, `activations`, `logits/loss`, `overhead`), `source` ("estimated" or "measured on <GPU>"), `fit` ("fits" / "marginal" / "does not fit"), `margin_gib` (VRAM minus peak reserved; negative = short), `assumptions` |
-    | `ranked[].plan` | object | `micro_batch`, `gradient_accumulation`, `effective_batch`, `gradient_checkpointing`, `dtype`, `seq_len` (the longest row the estimate holds), `loss` ("stock" / "liger" / "chunked"), `loss_saving_bytes` (what Liger saved plain LoRA when the planner chose it; else null), `gpus`, `strategy` ("single", "ddp", "fsdp2", ...; memory figures are per GPU), `launch` (multi-GPU: `command`, `files` {name: text}, `saving`; else null) |
+    | `ranked[].plan` | object | `micro_batch`, `gradient_accumulation`, `effective_batch`, `gradient_checkpointing`, `dtype`, `seq_len` (the longest row the estimate holds), `loss` ("stock" / "liger" / "chunked"), `loss_saving_bytes` (what Liger saved plain LoRA when the planner chose it; else null), `optimizer` (what the plan trains with: "adamw", "adamw-8bit", "paged-adamw-8bit", "adafactor", "sgd", "lora-fa"), `optimizer_saving_bytes` (optimizer state 8-bit AdamW saved against AdamW when the planner switched to it; else null), `gpus`, `strategy` ("single", "ddp", "fsdp2", ...; memory figures are per GPU), `launch` (multi-GPU: `command`, `files` {name: text}, `saving`; else null) |
     | `ranked[].evidence` | object \| null | `benchmark`, `experiment`, `metric`, `score`, `lora_score`, `relative_to_lora` (score / LoRA reference score), `lora_experiment`, `model` (the benchmark's base model), `gpu`, `source_commit`; null without a benchmark run |
     | `ranked[].serving` | object | `route` ("native" / "merge" / "convert" / "cannot" / "not needed"), `reason`, `source`, `launch` (command lines that serve the result), `conversion` ("initial-model" / "rescale" / "svd" / null), `rank_after` (rank of the converted adapter), `versions` (which engine version the facts are for) |
     | `ranked[].probe` | object \| null | micro-training measurement when one was run: `status`, `device`, `peak_allocated_bytes`, `peak_reserved_bytes`, `nvml_used_bytes`, `tokens_per_second`, `step_seconds`, `losses`, `loss_slope`, `loss_slope_stderr`, `wall_seconds`, `error`, `from_cache` |

@@ -162,6 +162,8 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
         imports.append(f"from peft import {', '.join(sorted(peft_names))}")
     if lora_fa:
         imports.append("from peft.optimizers import create_lorafa_optimizer")
+    else:
+        imports += _OPTIMIZER_LINES[plan.optimizer][1]
     imports += model_imports
 
     effective = plan.micro_batch * plan.gradient_accumulation * plan.gpus  # several GPUs each take a micro-batch
@@ -214,9 +216,9 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
             f"lora_alpha={python_literal(kwargs.get('lora_alpha', 8))}, lr=learning_rate{rslora})"
         )
     else:
-        lines.append(
-            "optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)"
-        )
+        constructor = _OPTIMIZER_LINES[plan.optimizer][0]
+        lines.append(f"optimizer = {constructor}([p for p in model.parameters() if p.requires_grad], "
+                     f"lr=learning_rate{_OPTIMIZER_KWARGS.get(plan.optimizer, '')})")
     precision = {"bfloat16": "bf16=True", "float16": "fp16=True"}.get(dtype, "")
     trainer_args = [
         "per_device_train_batch_size=micro_batch_size",
@@ -227,7 +229,7 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
         *(["use_liger_kernel=True  # pip install liger-kernel"] if plan.loss == "liger" else []),
     ]
     lines += [
-        f"# optimizer: {optimizer_label(candidate.optimizer)}. With transformers' Trainer, pass "
+        f"# optimizer: {optimizer_label(plan.optimizer)}. With transformers' Trainer, pass "
         "optimizers=(optimizer, None) and",
         "# TrainingArguments(",
         *(f"#     {argument}," for argument in trainer_args),
@@ -235,6 +237,18 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
     ]
     lines += ["", SAVE_SECTION, *_save_lines(ranked)]
     return "\n".join(lines) + "\n"
+
+
+# How the snippet builds each optimizer the estimate traced (estimator.optimizers, same settings)
+_OPTIMIZER_LINES = {
+    "adamw": ("torch.optim.AdamW", []),
+    "adamw-8bit": ("bitsandbytes.optim.AdamW8bit", ["import bitsandbytes  # pip install bitsandbytes; CUDA"]),
+    "paged-adamw-8bit": ("bitsandbytes.optim.PagedAdamW8bit", ["import bitsandbytes  # pip install bitsandbytes; CUDA"]),
+    "adafactor": ("Adafactor", ["from transformers.optimization import Adafactor"]),
+    "sgd": ("torch.optim.SGD", []),
+}
+_OPTIMIZER_KWARGS = {"adafactor": ", scale_parameter=False, relative_step=False, warmup_init=False",
+                     "sgd": ", momentum=0.9"}
 
 
 def _save_lines(ranked: RankedCandidate) -> list[str]:

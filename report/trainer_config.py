@@ -30,8 +30,8 @@ def plan_arguments(ranked: RankedCandidate, for_trl: bool = False) -> dict[str, 
         "bf16": shape.dtype == "bfloat16",
         "fp16": shape.dtype == "float16",
     }
-    if candidate.optimizer != LORA_FA:
-        arguments["optim"] = TRAINER_OPTIMIZERS.get(candidate.optimizer, "adamw_torch")
+    if plan.optimizer != LORA_FA:
+        arguments["optim"] = TRAINER_OPTIMIZERS.get(plan.optimizer, "adamw_torch")
     if plan.gradient_checkpointing:
         arguments["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if for_trl:

@@ -43,7 +43,8 @@ TOP_LEVEL_KEYS = {
     "alternative",
 }
 REQUEST_KEYS = {"model", "vram_gib", "serve", "multi_adapter", "quant", "goal", "seq_len", "batch_size", "vram_source",
-                "resolution", "frames", "cached_inputs", "loss", "trainer", "packing", "gpus", "strategy"}
+                "resolution", "frames", "cached_inputs", "loss", "trainer", "packing", "gpus", "strategy",
+                "optimizer"}
 ARCHITECTURE_KEYS = {
     "name", "model_type", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
     "vocab_size", "tie_word_embeddings", "num_experts", "experts_per_token", "dtype", "hub_id", "local_path", "source",
@@ -61,7 +62,7 @@ MEMORY_KEYS = {
 }
 BREAKDOWN_KEYS = {"weights", "adapter", "grads", "optimizer", "activations", "logits/loss", "overhead"}
 PLAN_KEYS = {"micro_batch", "gradient_accumulation", "effective_batch", "gradient_checkpointing", "dtype", "seq_len",
-             "loss", "loss_saving_bytes", "gpus", "strategy", "launch"}
+             "loss", "loss_saving_bytes", "optimizer", "optimizer_saving_bytes", "gpus", "strategy", "launch"}
 EVIDENCE_KEYS = {
     "benchmark", "experiment", "metric", "score", "lora_score", "relative_to_lora", "lora_experiment", "model", "gpu",
     "source_commit",
@@ -193,7 +194,7 @@ def test_to_dict_values(rec: Recommendation):
         "model": "smollm2-135m", "vram_gib": 8.0, "serve": "vllm", "multi_adapter": False, "quant": "none",
         "goal": "balanced", "seq_len": 768, "batch_size": 4, "vram_source": "given",
         "resolution": None, "frames": None, "cached_inputs": None, "loss": None, "trainer": "plain", "packing": False,
-        "gpus": 1, "strategy": "auto",
+        "gpus": 1, "strategy": "auto", "optimizer": None,
     }
     assert data["architecture"]["hidden_size"] == 576 and data["architecture"]["source"].startswith("bundled")
     assert data["verdict"] == VERDICT
@@ -215,7 +216,8 @@ def test_to_dict_values(rec: Recommendation):
     assert best["memory"]["margin_gib"] == pytest.approx(8.0 - 3.2, abs=1e-3)
     assert best["plan"] == {"micro_batch": 4, "gradient_accumulation": 4, "effective_batch": 16,
                             "gradient_checkpointing": False, "dtype": "bfloat16", "seq_len": 768, "loss": "stock",
-                            "loss_saving_bytes": None, "gpus": 1, "strategy": "single", "launch": None}
+                            "loss_saving_bytes": None, "optimizer": "adamw", "optimizer_saving_bytes": None,
+                            "gpus": 1, "strategy": "single", "launch": None}
     assert best["evidence"]["relative_to_lora"] == pytest.approx(0.52 / 0.48)
     assert best["evidence"]["source_commit"] == "5d602fdbff04c33c1c4de55cda9d4ae1d7cb7e40"
     assert best["serving"]["route"] == "native"
