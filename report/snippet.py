@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any
 
 from peftpick.report.formatting import gib, memory_source, optimizer_label
+from peftpick.report.trainer_config import checkpointing_argument, model_checkpointing
 from peftpick.types import Quant, RankedCandidate, Recommendation
 
 ADAPTER_SECTION = "# --- adapter ---"
@@ -154,9 +155,14 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
     if kbit:
         peft_names.append("prepare_model_for_kbit_training")
     # Quantized weights cannot be trained, so full fine-tuning always loads the model unquantized.
+    sharded_checkpointing = plan.gradient_checkpointing and not model_checkpointing(plan)
     model_imports, model_lines = _model_lines(
-        model_id or MODEL_PLACEHOLDER, dtype, quant if is_peft else "none", None if kbit else plan.gradient_checkpointing
+        model_id or MODEL_PLACEHOLDER, dtype, quant if is_peft else "none",
+        None if kbit or sharded_checkpointing else plan.gradient_checkpointing
     )
+    if sharded_checkpointing:
+        model_lines.append("# gradient checkpointing: FSDP's activation checkpointing, set in the accelerate config "
+                           "(not in the model too: that adds an all-gather in backward)")
     imports = ["import torch"]
     if peft_names:
         imports.append(f"from peft import {', '.join(sorted(peft_names))}")
@@ -223,7 +229,7 @@ def peft_snippet(ranked: RankedCandidate, model_id: str | None = None, quant: Qu
     trainer_args = [
         "per_device_train_batch_size=micro_batch_size",
         "gradient_accumulation_steps=gradient_accumulation_steps",
-        f"gradient_checkpointing={plan.gradient_checkpointing}",
+        f"{checkpointing_argument()}={model_checkpointing(plan)}",
         "learning_rate=learning_rate",
         *([precision] if precision else []),
         *(["use_liger_kernel=True  # pip install liger-kernel"] if plan.loss == "liger" else []),

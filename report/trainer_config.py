@@ -19,21 +19,45 @@ TRAINER_OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "p
 LORA_FA = "lora-fa"
 
 
+def checkpointing_argument() -> str:
+    """The TrainingArguments field that turns on checkpointing in the installed transformers:
+    `activation_checkpointing` where it exists (5.24.0 has it, with `gradient_checkpointing` as a deprecated alias
+    that warns), else `gradient_checkpointing`. Read from the source, so that a report imports no transformers."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("transformers")
+    source = Path(spec.origin).with_name("training_args.py") if spec and spec.origin else None
+    try:
+        text = source.read_text(encoding="utf-8") if source else ""
+    except OSError:
+        text = ""
+    return "activation_checkpointing" if "\n    activation_checkpointing:" in text else "gradient_checkpointing"
+
+
+def model_checkpointing(plan) -> bool:
+    """Whether the model itself recomputes its layers: the plan's checkpointing, except under FSDP, whose config
+    turns on FSDP's own activation checkpointing (report/launch.py): transformers warns that also checkpointing
+    in the model adds a redundant all-gather in backward (training_args.py, transformers 5.24.0)."""
+    return plan.gradient_checkpointing and not str(plan.strategy).startswith("fsdp")
+
+
 def plan_arguments(ranked: RankedCandidate, for_trl: bool = False) -> dict[str, Any]:
     """TrainingArguments / SFTConfig keyword arguments that carry the plan."""
     plan, candidate, shape = ranked.plan, ranked.candidate, ranked.plan.estimate.shape
+    checkpointing = checkpointing_argument()
     arguments: dict[str, Any] = {
         "per_device_train_batch_size": plan.micro_batch,
         "gradient_accumulation_steps": plan.gradient_accumulation,
-        "gradient_checkpointing": plan.gradient_checkpointing,
+        checkpointing: model_checkpointing(plan),
         "learning_rate": candidate.learning_rate,
         "bf16": shape.dtype == "bfloat16",
         "fp16": shape.dtype == "float16",
     }
     if plan.optimizer != LORA_FA:
         arguments["optim"] = TRAINER_OPTIMIZERS.get(plan.optimizer, "adamw_torch")
-    if plan.gradient_checkpointing:
-        arguments["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if model_checkpointing(plan):
+        arguments[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
     if for_trl:
         arguments["max_length"] = shape.seq_len
     elif plan.loss == "liger":
@@ -173,7 +197,7 @@ def _lora_fa_lines(ranked: RankedCandidate, quant: str) -> list[str]:
                   "    from peft import prepare_model_for_kbit_training",
                   "",
                   "    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing="
-                  "training_args.gradient_checkpointing)"]
+                  f"training_args.{checkpointing_argument()})"]
     return lines + [
         "model = get_peft_model(model, peft_config)",
         f"optimizer = create_lorafa_optimizer(model=model, r={kwargs.get('r', 8)!r}, lora_alpha="

@@ -121,3 +121,17 @@ def test_gpus_that_are_not_a_number_are_refused_by_the_parser():
 def test_a_denoiser_is_refused_a_multi_gpu_plan():
     with pytest.raises(PeftpickError, match="multi-GPU plans are for language models"):
         peftpick.recommend("flux.2-klein-4b", 24, gpus=2, probe=False)
+
+
+def test_under_fsdp2_checkpointing_is_fsdps_own_and_not_also_the_models(no_deepspeed):
+    rec = peftpick.recommend("llama-3.1-8b", 16, "vllm", gpus=2, strategy="fsdp2", probe=False, methods=["lora"],
+                             workers=2)
+    best = rec.best
+    assert best.plan.strategy == "fsdp2" and best.plan.gradient_checkpointing and best.plan.fit == "fits"
+    data = rec.to_dict()
+    assert "fsdp_activation_checkpointing: true" in data["ranked"][0]["plan"]["launch"]["files"]["accelerate_config.yaml"]
+    arguments = best.training_arguments("out", use_cpu=True, bf16=False)
+    assert arguments.activation_checkpointing is False  # the model-level switch would add an all-gather in backward
+    snippet = data["peft_snippet"]
+    assert "gradient_checkpointing_enable" not in snippet and "FSDP's activation checkpointing" in snippet
+    assert "activation_checkpointing=False" in snippet
