@@ -84,7 +84,10 @@ def estimate(
             "the LoRA-FA optimizer needs a LoRA adapter",
             "pass a LoRA adapter (--method lora) or use another --optimizer (adamw, adamw-8bit, sgd, ...)",
         )
-    return estimate_architecture(arch, peft_config, shape, exact=exact)
+    from peftpick.workloads import workload_of
+
+    # a denoiser's step is traced by its workload's estimator (estimator.diffusion), at the model's usual resolution
+    return workload_of(arch).hook("estimate")(arch, peft_config, shape, exact=exact)
 
 
 def estimate_architecture(arch: Architecture, peft_config: Any, shape: TrainingShape, exact: bool = False) -> MemoryEstimate:

@@ -57,11 +57,8 @@ FAMILIES = ("flux2", "flux", "sd3", "sdxl", "wan", "qwen-image")
 
 
 # Methods whose adapter cannot be built without the base model's values, with the reason.
-NOT_ESTIMABLE = {
-    "FROD": ("FRoD's initialisation runs a joint decomposition of the real base weights in float64 on the CPU "
-             "(peft/tuners/frod/model.py _projection_from_weights), and during training it moves each targeted base "
-             "weight between CPU and GPU around every forward (runtime_offload_base_weight): neither has a meta-device "
-             "equivalent (on zeros the decomposition alone takes tens of minutes)"),
+NOT_ESTIMABLE: dict[str, str] = {
+    # FRoD's decomposition of the base weights and its base-weight offloading: stand-ins in estimator/frod.py
 }
 
 
@@ -202,7 +199,7 @@ def estimate_denoiser(arch: Architecture, peft_config: Any, shape: TrainingShape
         total_params=result.total,
         adapter_file_bytes=result.saved_bytes,
         shape=shape,
-        assumptions=_assumptions(arch, shape, program, result),
+        assumptions=_assumptions(arch, shape, program, result) + _method_notes(peft_config),
     )
     if shape.quant == "none":
         return estimate
@@ -221,6 +218,18 @@ def geometry(denoiser: Denoiser, shape: TrainingShape) -> dict[str, int]:
         frames = 1 + (clip - 1) // denoiser.vae_temporal
     tokens = (height // denoiser.patch) * (width // denoiser.patch) * max(frames, 1)
     return {"resolution": resolution, "height": height, "width": width, "frames": frames, "tokens": tokens}
+
+
+def _method_notes(peft_config: Any) -> tuple[str, ...]:
+    """What the trace stands in for, for a method whose set-up needs the weights' values (the image suite wraps
+    the denoiser on the CPU, then moves it to the GPU)."""
+    from peftpick.estimator.estimable import peft_type_of
+
+    if peft_type_of(peft_config) == "FROD":
+        from peftpick.estimator import frod
+
+        return frod.notes(peft_config, moved_after_wrapping=True)
+    return ()
 
 
 def _assumptions(arch: Architecture, shape: TrainingShape, program: DenoiserProgram, result) -> tuple[str, ...]:

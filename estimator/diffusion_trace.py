@@ -133,6 +133,12 @@ def _permutation_matrix(self, indices):
 
 @contextlib.contextmanager
 def _fast_adapter_init(peft_type: str):
+    if peft_type == "FROD":  # its decomposition and per-layer solve: estimator/frod.py
+        from peftpick.estimator.frod import value_free_setup
+
+        with value_free_setup(host_projections=False, offload_on_apply=True):
+            yield
+        return
     if peft_type != "BOFT":
         yield
         return

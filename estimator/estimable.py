@@ -15,11 +15,8 @@ from peftpick.types import Architecture
 
 # PEFT methods whose training step the meta-device trace cannot follow, with why. Consulted before tracing
 # (`check_estimable`); anything else that fails inside the trace becomes one line too (`untraceable`).
-UNESTIMABLE = {
-    "FROD": "its set-up decomposes the stacked base weights of all targeted layers together, which needs their "
-            "values, and its training step moves the base weights to the CPU and multiplies sparse matrices, which "
-            "the meta-device trace does not follow",
-}
+# (FRoD, once listed here, is traced with the stand-ins of estimator/frod.py.)
+UNESTIMABLE: dict[str, str] = {}
 _UNESTIMABLE_FIX = ("measure it with a short real run on a GPU (torch.cuda.max_memory_reserved), or estimate a method "
                     "peftpick traces, e.g. --method lora")
 
@@ -98,6 +95,10 @@ def stand_in_notes(peft_config: Any) -> tuple[str, ...]:
     if peft_type == "LORA" and getattr(peft_config, "kasa_config", None) is not None:
         return ("KaSA: the one-time SVD truncation of each base weight before training is not traced (it keeps the "
                 "weight's shape; its transient copies at set-up are not in the peak)",)
+    if peft_type == "FROD":
+        from peftpick.estimator.frod import notes
+
+        return notes(peft_config, moved_after_wrapping=False)
     if peft_type == "LORA" and getattr(peft_config, "init_lora_weights", None) == "mica":
         return ("MiCA: lora_B (the base weight's minor singular vectors, frozen) is built with its shape only",)
     return ()

@@ -221,6 +221,12 @@ def _value_free_setup(peft_config):
     rows. Their sizes always add up to the layer's output features, so with `subspace_rank` 1 (or subspaces of
     at least `subspace_rank` rows) the trainable parameters are exact and only the split of the per-subspace
     activations differs."""
+    if _peft_type(peft_config) == "FROD":  # its decomposition and per-layer solve: estimator/frod.py
+        from peftpick.estimator.frod import value_free_setup
+
+        with value_free_setup(host_projections=True, offload_on_apply=False):
+            yield
+        return
     if _peft_type(peft_config) != "ADAMSS":
         yield
         return

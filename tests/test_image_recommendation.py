@@ -186,3 +186,20 @@ def test_full_fine_tuning_that_cannot_fit_is_not_traced(monkeypatch):
     traced.clear()
     peftpick.recommend("flux.2-klein-4b", vram_gb=40, serve="diffusers", probe=False, methods=["lora", "full"])
     assert any(traced)
+
+
+def test_estimate_command_traces_a_denoiser_as_the_recommendation_does():
+    """`peftpick estimate` on an image model goes through the denoiser's estimator, not the language-model one
+    (which refused it as an unknown transformers model_type)."""
+    from typer.testing import CliRunner
+
+    from peftpick.cli import app
+
+    result = CliRunner().invoke(app, ["estimate", "--model", "flux.2-klein-4b", "--method", "lora", "--batch-size", "2",
+                                      "--grad-ckpt", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    frozen = data["total_params"] - data["trainable_params"]
+    assert data["breakdown"]["weights"] == 2 * frozen  # the bf16 denoiser, without the float32 adapter
+    assert data["breakdown"]["adapter"] == 4 * data["trainable_params"]
+    assert data["breakdown"]["logits/loss"] == 0 and data["breakdown"]["activations"] > 0
