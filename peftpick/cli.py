@@ -535,6 +535,19 @@ def probe_command(
     gpus: Annotated[int, typer.Option(
         "--gpus", help="Run each probe under torchrun with FSDP2 on this many local GPUs (on the CPU: gloo "
         "processes); the peak is the busiest rank's.")] = 1,
+    optimizer: Annotated[Optional[str], typer.Option(
+        "--optimizer", help="adamw, adamw-8bit, paged-adamw-8bit (bitsandbytes), adafactor, sgd (momentum 0.9) or "
+        "lora-fa (LoRA adapters only); default: each method's own (adamw; LoRA-FA always keeps its own).",
+        show_default=False)] = None,
+    quant: Annotated[str, typer.Option(
+        "--quant", help="Quantize the frozen base with bitsandbytes: none, 4bit (NF4, double quantization), "
+        "4bit-no-dq or 8bit (LLM.int8).")] = "none",
+    loss: Annotated[str, typer.Option(
+        "--loss", help="Loss kernel: stock, liger (Liger's fused linear cross-entropy; CUDA only, the CPU computes "
+        "the stock loss and says so) or chunked (TRL's chunked LM head).")] = "stock",
+    trainer: Annotated[str, typer.Option(
+        "--trainer", help="Training loop: plain, hf (transformers' Trainer runs the steps) or trl (TRL's SFTTrainer; "
+        "its chunked loss).")] = "plain",
 ) -> None:
     """Micro-train candidate methods on this machine's GPU and print measured peak memory, speed and loss slope."""
     import warnings
@@ -552,7 +565,11 @@ def probe_command(
                             gradient_checkpointing=grad_ckpt, random_weights=random_weights, device=device,
                             cache=not no_cache, text_field=text_field, prompt_field=prompt_field,
                             response_field=response_field, learning_rate=learning_rate, timeout_s=timeout,
-                            **({"gpus": gpus} if gpus != 1 else {}))
+                            **({"gpus": gpus} if gpus != 1 else {}),
+                            **{name: value for name, value in (("optimizer", optimizer), ("quant", quant),
+                                                               ("loss", loss), ("trainer", trainer))
+                               if value != {"optimizer": None, "quant": "none", "loss": "stock",
+                                            "trainer": "plain"}[name]})
         except ProbesInterrupted as stopped:  # keep what finished: print it, then exit as interrupted
             results, interrupted = stopped.results, True
         from peftpick.probes.table import print_probe_table, probes_document

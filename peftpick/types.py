@@ -298,6 +298,8 @@ class ProbeResult:
     notes: tuple[str, ...] = ()
     gpus: int = 1  # ranks of a multi-GPU probe (FSDP2 under torchrun); the peaks are the busiest rank's
     ranks: tuple[dict[str, Any], ...] = ()  # each rank's status, peaks and step time, in rank order
+    # what ran, by name: optimizer, quant, loss, trainer (TrainingShape values), optimizer_class, trainer_run, ...
+    stack: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

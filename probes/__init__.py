@@ -22,7 +22,15 @@ from peftpick.errors import PeftpickError
 from peftpick.probes.cache import ProbeWarning
 from peftpick.probes.device import GpuInfo, detect_gpu
 from peftpick.probes.job import ProbeProgram, probe_program
-from peftpick.probes.results import fit_loss_slope, probe_to_estimate, result_from_dict, result_to_dict
+from peftpick.probes.results import (
+    StackMismatch,
+    fit_loss_slope,
+    probe_stack,
+    probe_to_estimate,
+    result_from_dict,
+    result_to_dict,
+    stack_mismatch,
+)
 from peftpick.probes.runner import (
     DEFAULT_TIMEOUT_S,
     ProbeOptions,
@@ -59,6 +67,10 @@ def probe(
     resolution: int | None = None,
     frames: int | None = None,
     gpus: int = 1,
+    optimizer: str | None = None,
+    quant: str = "none",
+    loss: str = "stock",
+    trainer: str = "plain",
 ) -> list[ProbeResult]:
     """Micro-train each of `methods` on `model` and return what was measured, one result per method in order.
 
@@ -79,6 +91,10 @@ def probe(
     learning_rate: None uses each method's benchmark learning rate.
     gpus: run each probe under torchrun with FSDP2 on this many GPUs (on the CPU: gloo processes); the peaks are
         the busiest rank's, `ProbeResult.ranks` has each rank's (probes.torchrun).
+    optimizer / quant / loss / trainer: the training stack each probe runs, as the estimator names it
+        (probes.stack): optimizer None is each method's own (AdamW, LoRA-FA's); quant "4bit" / "4bit-no-dq" /
+        "8bit" quantizes the base with bitsandbytes; loss "liger" / "chunked"; trainer "hf" (transformers'
+        Trainer) / "trl" (TRL's SFTTrainer). The result's `shape` and its "stack: ..." note say what ran.
     Raises PeftpickError for bad input, ProbesInterrupted (with the finished results) on Ctrl-C.
     """
     from peftpick.knowledge.architectures import resolve_model
@@ -88,7 +104,8 @@ def probe(
                            gradient_checkpointing=gradient_checkpointing, random_weights=random_weights,
                            device=device, cache=cache, timeout_s=timeout_s, data=data, text_field=text_field,
                            prompt_field=prompt_field, response_field=response_field, learning_rate=learning_rate,
-                           resolution=resolution, frames=frames, gpus=gpus)
+                           resolution=resolution, frames=frames, gpus=gpus, optimizer=optimizer, quant=quant,
+                           loss=loss, trainer=trainer)
     arch = model if isinstance(model, Architecture) else resolve_model(model)
     names = _method_names(methods, probe_program(arch.workload).default_methods)
     # unknown names fail here, before any work
@@ -101,7 +118,8 @@ def probe(
         except ArchitectureNotSupported as error:
             not_applicable[position] = ProbeResult(
                 method=spec.key, status="error", device="not run", display_name=spec.display_name,
-                shape=TrainingShape(batch_size=batch_size, seq_len=seq_len, resolution=resolution, frames=frames),
+                shape=TrainingShape(batch_size=batch_size, seq_len=seq_len, resolution=resolution, frames=frames,
+                                    optimizer=optimizer or "adamw", quant=quant, loss=loss, trainer=trainer),
                 error=f"not applicable: {error}")
     measured = iter(run_probes(arch, candidates, None, options, progress=progress) if candidates else [])
     return [not_applicable[position] if position in not_applicable else next(measured)
@@ -127,13 +145,16 @@ __all__ = [
     "ProbeProgram",
     "ProbeWarning",
     "ProbesInterrupted",
+    "StackMismatch",
     "cheaper_settings",
     "detect_gpu",
     "fit_loss_slope",
     "probe",
     "probe_program",
+    "probe_stack",
     "probe_to_estimate",
     "result_from_dict",
     "result_to_dict",
     "run_probes",
+    "stack_mismatch",
 ]

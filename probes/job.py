@@ -16,8 +16,9 @@ from peftpick.types import Architecture, Candidate, TrainingShape, Workload
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-# Bumped when the worker's measurement changes meaning; part of every cache key.
-PROTOCOL_VERSION = 1
+# Bumped when the worker's measurement changes meaning; part of every cache key. 2: probes run the setting's whole
+# stack (optimizer, quantized base, loss kernel, trainer: probes.stack), no longer bf16 / AdamW / stock / plain.
+PROTOCOL_VERSION = 2
 # Test-only: JSON {"<method>": {"kind": "oom" | "error" | "crash" | "hang", "step": k, "above_micro_batch": m,
 # "unless_checkpointing": bool}} makes the worker of that method fail at optimizer step k (1-based, warm-up
 # included), only for micro-batches above m (default 0: always) and, with unless_checkpointing, only without
@@ -30,7 +31,9 @@ FAULTS_ENV = "PEFTPICK_PROBE_FAULTS"
 class ProbeJob:
     candidate: Candidate
     architecture: Architecture  # `config` builds the model when `weights` is None
-    shape: TrainingShape  # the setting to run: micro-batch, accumulation, checkpointing, optimizer, dtype
+    # the setting to run, the plan's whole TrainingShape: micro-batch, accumulation, checkpointing, dtype and the
+    # stack (optimizer, quant, loss, trainer) the worker builds as the estimate models it (probes.stack)
+    shape: TrainingShape
     weights: str | None  # folder or hub id of pretrained weights; None: random weights from the config
     device: str  # "cuda", "cuda:1" or "cpu"
     steps: int  # measured optimizer steps, after the warm-up
@@ -100,6 +103,18 @@ class ProbeProgram:
     def tokens_per_step(self, job: ProbeJob) -> int:
         raise NotImplementedError
 
+    def refusal(self, arch: Architecture, candidate: Candidate, shape: TrainingShape, device: str,
+                world_size: int = 1) -> str | None:
+        """Why this candidate's probe cannot run `shape`'s stack (optimizer, quant, loss, trainer) here, before a
+        worker starts; None when it can. The default: only the optimizer may differ from the plain stack."""
+        from peftpick.probes.stack import plain_only_refusal
+
+        return plain_only_refusal(shape, self.workload.value)
+
+    def runnable(self, shape: TrainingShape, device: str) -> tuple[TrainingShape, tuple[str, ...]]:
+        """The stack a probe of `shape` runs on `device` and a note for each change (a kernel this device lacks)."""
+        return shape, ()
+
     # -- the worker's side (torch and the model libraries are imported)
 
     def preload(self) -> None:
@@ -109,6 +124,11 @@ class ProbeProgram:
     def build_model(self, job: ProbeJob, device: Any, dtype: Any) -> Any:
         """The bare model on `device` in `dtype`: pretrained weights from `job.weights`, else random ones."""
         raise NotImplementedError
+
+    def prepare_for_training(self, job: ProbeJob, model: Any, stack: Any) -> Any:
+        """After `build_model`, before gradient checkpointing and the adapter: what the stack does to the bare model
+        (k-bit preparation, a loss kernel); `stack` (probes.stack.Stack) records it. The default: nothing."""
+        return model
 
     def enable_gradient_checkpointing(self, model: Any) -> None:
         raise NotImplementedError

@@ -90,11 +90,18 @@ def probe_to_estimate(result: ProbeResult, shape: TrainingShape | None = None,
     shape: the setting to label the figures with (default: the setting the probe measured, `result.shape`).
     estimate: the estimate it replaces, if any; its adapter file size and parameter count fill what a probe does
         not measure, and its assumptions are kept after the probe's own.
-    Raises ValueError when the probe did not measure memory (status not "ok", or run on the CPU).
+    Raises ValueError when the probe did not measure memory (status not "ok", or run on the CPU), and
+    StackMismatch (a ValueError) when the probe ran another stack (optimizer, quant, loss, trainer) than the
+    estimate assumed: its figures are not that estimate's, and are never put in its place silently.
     """
     if result.status != "ok" or result.peak_allocated_bytes is None or result.peak_reserved_bytes is None:
         reason = result.error or ("the probe ran on the CPU" if result.device == "cpu" else f"status {result.status}")
         raise ValueError(f"the probe of {result.method} measured no GPU memory ({reason})")
+    if estimate is not None:
+        mismatch = stack_mismatch(result, estimate)
+        if mismatch:
+            raise StackMismatch(f"the probe of {result.method} ran another stack than the estimate assumed "
+                                f"({'; '.join(mismatch)}): its figures do not stand for that estimate")
     shape = shape or result.shape
     breakdown = dict(result.breakdown) or {"measured peak": result.peak_allocated_bytes}
     measured = result.shape
@@ -103,6 +110,7 @@ def probe_to_estimate(result: ProbeResult, shape: TrainingShape | None = None,
         + (f", {measured.gradient_accumulation} micro-batches per step" if measured.gradient_accumulation > 1 else "")
         + f", gradient checkpointing {'on' if measured.gradient_checkpointing else 'off'}, "
         f"peak over {len(result.losses)} optimizer steps",
+        "probe stack: " + ", ".join(f"{name} {value}" for name, value in probe_stack(result).items()),
     ]
     if result.nvml_used_bytes is not None:
         assumptions.append(f"the device showed {result.nvml_used_bytes / 2**30:.2f} GiB more in use than before "
@@ -122,3 +130,41 @@ def probe_to_estimate(result: ProbeResult, shape: TrainingShape | None = None,
         assumptions=tuple(assumptions),
         source=f"measured on {result.device}",
     )
+
+
+class StackMismatch(ValueError):
+    """A probe's stack (optimizer, quant, loss, trainer) is not the one the estimate it would replace assumed."""
+
+
+def stack_mismatch(result: ProbeResult, estimate: MemoryEstimate | TrainingShape) -> list[str]:
+    """Where the stack `result` ran differs from the estimate's (or a setting's), e.g. ["loss: stock, not liger"];
+    [] when they are the same."""
+    from peftpick.probes.stack import differences
+
+    shape = estimate.shape if isinstance(estimate, MemoryEstimate) else estimate
+    return differences(result.shape, shape)
+
+
+def probe_stack(result: ProbeResult) -> dict[str, str]:
+    """The stack a probe ran, by name: optimizer, quant, loss, trainer (TrainingShape's values, from
+    `result.shape`), and where known optimizer_class and trainer_run (from `ProbeResult.stack` where the installed
+    peftpick.types has it), for the report."""
+    from peftpick.probes.stack import STACK_FIELDS
+
+    found = {name: str(getattr(result.shape, name)) for name in STACK_FIELDS}
+    recorded = dict(getattr(result, "stack", None) or {})
+    if not recorded:  # the runner's "stack: optimizer NAME (CLASS), ..., trainer NAME (HOW)" note
+        import re
+
+        note = next((n for n in result.notes if n.startswith(STACK_NOTE_PREFIX)), "")
+        for key, name in (("optimizer_class", "optimizer"), ("trainer_run", "trainer")):
+            match = re.search(rf"\b{name} \S+ \(([^)]+)\)", note)
+            if match:
+                recorded[key] = match.group(1)
+    for key, value in recorded.items():
+        if key in ("optimizer_class", "trainer_run"):
+            found[key] = str(value)
+    return found
+
+
+STACK_NOTE_PREFIX = "stack: "  # the note that states a probe's stack (probes.runner writes it)

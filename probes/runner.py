@@ -33,7 +33,8 @@ from peftpick.errors import PeftpickError
 from peftpick.probes.cache import ProbeCache, ProbeWarning, cache_key
 from peftpick.probes.data import CHARS_PER_TOKEN_READ, ProbeData, model_encoder, pack_blocks
 from peftpick.probes.job import PROTOCOL_VERSION, WORKLOAD_ENV, ProbeJob, ProbeProgram, probe_program
-from peftpick.probes.results import fit_loss_slope
+from peftpick.probes.results import STACK_NOTE_PREFIX, fit_loss_slope
+from peftpick.probes.stack import STACK_FIELDS, libraries, settled
 from peftpick.types import GIB, Architecture, Candidate, ProbeResult, TrainingPlan, TrainingShape
 
 # Workers started ahead of need: two on a GPU machine; one for CPU probes, whose speed figures would suffer
@@ -77,6 +78,9 @@ class ProbeOptions:
     timeout_s: per setting tried; None: DEFAULT_TIMEOUT_S.
     gpus: ranks per probe (probes.torchrun: FSDP2 under torchrun, the busiest rank's peak); checked against the
         GPUs present once the device is known.
+    optimizer / quant / loss / trainer: the stack of that setting (probes.stack; TrainingShape's values); optimizer
+        None: each candidate's own (AdamW, or LoRA-FA's; LoRA-FA keeps its own whatever is asked). Settings the
+        caller gives (plans) carry their own.
     """
 
     steps: int = 10
@@ -98,8 +102,15 @@ class ProbeOptions:
     resolution: int | None = None
     frames: int | None = None
     gpus: int = 1  # >1: each probe runs under torchrun with FSDP2 on this many GPUs (CPU: gloo processes)
+    optimizer: str | None = None  # None: the candidate's own
+    quant: str = "none"
+    loss: str = "stock"
+    trainer: str = "plain"
 
     def __post_init__(self) -> None:
+        from peftpick.probes.stack import check_names
+
+        check_names(self.optimizer, self.quant, self.loss, self.trainer)
         _whole(self.steps, "steps", minimum=2, fix="probe at least 2 optimizer steps, e.g. --steps 10")
         _whole(self.warmup_steps, "warm-up steps", minimum=0, fix="use 0 or more warm-up steps")
         _whole(self.batch_size, "batch size", minimum=1, fix="pass e.g. --batch-size 4")
@@ -169,9 +180,12 @@ def run_probes(model: Any, candidates: Sequence[Candidate], shapes: ShapesArgume
     """Probe `candidates` (already built for the model) and return one result per candidate, in order.
 
     model: an Architecture, or anything `resolve_model` accepts (name, folder, hub id, PretrainedConfig).
-    shapes: the setting to try first per candidate: one TrainingShape (or TrainingPlan) for all, a list aligned
-        with `candidates`, or a mapping from method key; None: options' batch size, sequence length and
-        checkpointing. The optimizer is always the candidate's; on the CPU the dtype is float32.
+    shapes: the setting to try first per candidate: one TrainingShape (or TrainingPlan: its estimate's shape) for
+        all, a list aligned with `candidates`, or a mapping from method key; None: options' batch size, sequence
+        length, checkpointing and stack. Each probe runs its setting's whole stack (optimizer, quantized base, loss
+        kernel, trainer: probes.stack); a setting's plain "adamw" becomes LoRA-FA's own optimizer for LoRA-FA. On
+        the CPU the dtype is float32, and a stack element the CPU cannot run is refused or replaced with a note
+        (the result's `shape` is what ran, `requested_shape` what was asked).
     progress: a callable receiving one-line messages, True for a progress bar on stderr, False for silence,
         None for a bar when stderr is a terminal.
     Raises PeftpickError for bad input before anything runs, ProbesInterrupted on Ctrl-C.
@@ -289,10 +303,11 @@ def _first_settings(candidates: Sequence[Candidate], shapes: ShapesArgument, opt
                             "pass TrainingShape or TrainingPlan objects")
 
     if shapes is None:
-        default = TrainingShape(batch_size=options.batch_size, seq_len=options.seq_len,
+        chosen = [TrainingShape(batch_size=options.batch_size, seq_len=options.seq_len,
                                 gradient_checkpointing=options.gradient_checkpointing, dtype=arch.dtype,
-                                resolution=options.resolution, frames=options.frames)
-        chosen = [default] * len(candidates)
+                                resolution=options.resolution, frames=options.frames,
+                                optimizer=_optimizer_for(candidate, options.optimizer), quant=options.quant,
+                                loss=options.loss, trainer=options.trainer) for candidate in candidates]
     elif isinstance(shapes, (TrainingShape, TrainingPlan)):
         chosen = [as_shape(shapes)] * len(candidates)
     elif isinstance(shapes, Mapping):
@@ -317,9 +332,16 @@ def _first_settings(candidates: Sequence[Candidate], shapes: ShapesArgument, opt
         dtype = "float32" if device == "cpu" else str(shape.dtype).removeprefix("torch.")
         if dtype not in ("bfloat16", "float16", "float32"):
             raise PeftpickError(f"unsupported dtype {dtype!r}", "use bfloat16, float16 or float32")
-        settings.append(program.first_shape(arch, dataclasses.replace(shape, optimizer=candidate.optimizer,
-                                                                      dtype=dtype)))
+        # the setting's own stack (a plan's: what its estimate assumed), checked and completed as the estimator does
+        settings.append(program.first_shape(arch, settled(dataclasses.replace(shape, dtype=dtype),
+                                                          candidate.optimizer)))
     return settings
+
+
+def _optimizer_for(candidate: Candidate, asked: str | None) -> str:
+    """The optimizer of a candidate's default setting: the one asked for, except that LoRA-FA keeps its own (its
+    optimizer is the method), as the recommender plans it; None: the candidate's own."""
+    return candidate.optimizer if asked is None or candidate.optimizer == "lora-fa" else asked
 
 
 def _blocks_needed(settings: Sequence[TrainingShape], options: ProbeOptions) -> int:
@@ -363,6 +385,11 @@ class _ProbeRun:
             for index, (candidate, shape) in enumerate(zip(self.candidates, self.settings)):
                 parts = self._key_parts(candidate, shape)
                 keys.append((cache_key(parts), parts))
+                refusal = self.program.refusal(self.arch, candidate, shape, self.device, self.options.gpus)
+                if refusal is not None:  # the stack cannot run here: say so, never measure another in its place
+                    results[index] = self._refused(candidate, shape, refusal)
+                    self.reporter.done(index, results[index])
+                    continue
                 cached = cache.get(keys[-1][0]) if cache is not None else None
                 if cached is not None:
                     results[index] = cached
@@ -414,7 +441,7 @@ class _ProbeRun:
             "steps": self.options.steps, "warmup_steps": self.options.warmup_steps, "seed": self.options.seed,
             "data": self.data.identity,
             "device": self.device_name,
-            "versions": _library_versions(self.program.library_names),
+            "versions": _library_versions(tuple(dict.fromkeys(self.program.library_names + libraries(shape)))),
             **({"gpus": self.options.gpus} if self.options.gpus > 1 else {}),
         }
 
@@ -429,12 +456,14 @@ class _ProbeRun:
     # -- running
 
     def _probe(self, index: int, candidate: Candidate, requested: TrainingShape, following: int) -> ProbeResult:
+        runnable, stack_notes = self.program.runnable(requested, self.device)
         tokens_path, notes = self._tokens()
+        notes = tuple(notes) + tuple(stack_notes)
         out_of_memory: list[TrainingShape] = []
         wall = 0.0
         phases: dict[str, float] = {}
         result: ProbeResult | None = None
-        for setting in cheaper_settings(requested):
+        for setting in cheaper_settings(runnable):
             self.reporter.attempt(index, _setting_words(setting), retry=bool(out_of_memory))
             job = ProbeJob(candidate=candidate, architecture=self.arch, shape=setting, weights=self.weights,
                            device=self.device, steps=self.options.steps, warmup_steps=self.options.warmup_steps,
@@ -451,6 +480,13 @@ class _ProbeRun:
             self.reporter.warn_quiet(f"{candidate.display_name}: out of memory with {_setting_words(setting)}")
         assert result is not None
         return dataclasses.replace(result, oom_settings=tuple(out_of_memory))  # none fits: every one tried
+
+    def _refused(self, candidate: Candidate, requested: TrainingShape, reason: str) -> ProbeResult:
+        self.reporter.warn_quiet(f"{candidate.display_name}: not probed: {reason}")
+        return ProbeResult(method=candidate.method, status="error", shape=requested, device=self.device_name,
+                           display_name=candidate.display_name, requested_shape=requested,
+                           error=f"not run: {reason}", learning_rate=self._learning_rate(candidate),
+                           notes=(_stack_note(requested, None, refused=True),), **_stack_field(requested, None))
 
     def _tokens(self) -> tuple[str, tuple[str, ...]]:
         """The program's inputs (a causal LM's packed token blocks), made once per run, on the first probe that is
@@ -480,6 +516,10 @@ class _ProbeRun:
                 notes: tuple[str, ...]) -> ProbeResult:
         message = outcome.message
         status = message.get("status", "error")
+        stack = message.get("stack") if isinstance(message.get("stack"), dict) else None
+        if stack is not None:  # what the worker ran, which the result's setting states
+            ran = {name: str(stack[name]) for name in STACK_FIELDS if stack.get(name)}
+            setting = dataclasses.replace(setting, **ran)
         losses = tuple(math.nan if value is None else float(value) for value in message.get("losses", ()))
         slope, stderr = fit_loss_slope(losses) if status == "ok" else (None, None)
         measured_memory = status == "ok" and self.device != "cpu"
@@ -487,6 +527,8 @@ class _ProbeRun:
         extra_notes = list(notes)
         if status == "ok" and any(math.isnan(value) for value in losses):
             extra_notes.append("the loss became NaN or infinite: no slope fitted (learning rate too high?)")
+        extra_notes.append(_stack_note(setting, stack))
+        extra_notes.extend(str(note) for note in (stack or {}).get("notes") or () if str(note) not in extra_notes)
         return ProbeResult(
             method=candidate.method,
             status=status,
@@ -515,7 +557,42 @@ class _ProbeRun:
             notes=tuple(extra_notes) + tuple(message.get("notes") or ()),
             gpus=self.options.gpus,
             ranks=tuple(_rank_summary(rank) for rank in message.get("ranks") or ()),
+            **_stack_field(setting, stack),
         )
+
+
+def _stack_note(shape: TrainingShape, stack: dict[str, Any] | None, refused: bool = False) -> str:
+    """The one line that states a probe's stack, e.g. "stack: optimizer adamw-8bit (bitsandbytes.optim.adamw.
+    AdamW8bit), base 4bit (...), loss stock, trainer hf (transformers.Trainer)"."""
+    from peftpick.probes.stack import QUANT_WORDS
+
+    stack = stack or {}
+    details = stack.get("details") or {}
+    optimizer = shape.optimizer + (f" ({stack['optimizer_class']})" if stack.get("optimizer_class") else "")
+    base = shape.quant + (f" ({details['quant']})" if details.get("quant") else
+                          (f" ({QUANT_WORDS[shape.quant]})" if shape.quant != "none" else ""))
+    run = stack.get("trainer_run")
+    trainer = shape.trainer + (f" ({run})" if run and run != shape.trainer else "")
+    state = details.get("optimizer_state_bytes")
+    state_words = ""
+    if state:
+        by_dtype = json.loads(state)
+        state_words = "; optimizer state " + ", ".join(f"{n:,} bytes {dtype}"
+                                                      for dtype, n in sorted(by_dtype.items()))
+    return (f"{STACK_NOTE_PREFIX}optimizer {optimizer}, base {base}, loss {shape.loss}, trainer {trainer}"
+            + (" (not run)" if refused else "" if stack else " (as asked; the worker did not report its stack)")
+            + state_words)
+
+
+def _stack_field(shape: TrainingShape, stack: dict[str, Any] | None) -> dict[str, Any]:
+    """ProbeResult's `stack`: what ran, by name."""
+    record = {name: str(getattr(shape, name)) for name in STACK_FIELDS}
+    for key in ("optimizer_class", "trainer_run"):
+        if (stack or {}).get(key):
+            record[key] = str(stack[key])
+    for key, value in ((stack or {}).get("details") or {}).items():
+        record[key] = str(value)
+    return {"stack": record}
 
 
 def _rank_summary(record: dict[str, Any]) -> dict[str, Any]:

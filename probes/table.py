@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from peftpick.probes.results import result_to_dict
+from peftpick.probes.results import STACK_NOTE_PREFIX, probe_stack, result_to_dict
 from peftpick.types import GIB, ProbeResult
 
 JSON_SCHEMA_VERSION = 1
@@ -72,6 +72,18 @@ def _slope(result: ProbeResult) -> str:
     return f"{result.loss_slope:+.2g} ± {result.loss_slope_stderr:.1g}"
 
 
+def _stack(result: ProbeResult) -> str:
+    """The stack a probe ran in a few words: "adamw-8bit, 4bit, chunked, hf"."""
+    stack = probe_stack(result)
+    return ", ".join(stack[name] for name in ("optimizer", "quant", "loss", "trainer"))
+
+
+def _plain_stack(result: ProbeResult) -> bool:
+    stack = probe_stack(result)
+    return stack["quant"] == "none" and stack["loss"] == "stock" and stack["trainer"] == "plain" and \
+        stack["optimizer"] in ("adamw", "lora-fa")
+
+
 def _status(result: ProbeResult) -> str:
     words = {"ok": "ok", "oom": "does not fit", "error": "error"}[result.status]
     return words + (", cached" if result.from_cache else "")
@@ -91,6 +103,9 @@ def print_probe_table(model: str, results: Sequence[ProbeResult], console: Any) 
     if memory:
         columns += [("Peak alloc GiB", "right"), ("Peak reserved GiB", "right"), ("NVML GiB", "right")]
     unit = _speed_unit(results)
+    stacks = not all(_plain_stack(r) for r in results)  # the column when a probe ran more than AdamW and the stock loss
+    if stacks:
+        columns.append(("Stack (optimizer, base, loss, trainer)", "left"))
     columns += [(unit, "right"), ("Loss", "right"), ("Slope/step ± s.e.", "right")]
     for header, justify in columns:  # cells fold rather than being cut off when the terminal is narrow
         table.add_column(header, justify=justify, overflow="fold")  # type: ignore[arg-type]
@@ -99,6 +114,8 @@ def print_probe_table(model: str, results: Sequence[ProbeResult], console: Any) 
         if memory:
             cells += [_gib(result.peak_allocated_bytes), _gib(result.peak_reserved_bytes),
                       _gib(result.nvml_used_bytes)]
+        if stacks:
+            cells.append(_stack(result))
         cells += [_speed(result, unit), _loss(result), _slope(result)]
         table.add_row(*cells)
     console.print(table)
@@ -120,8 +137,14 @@ def footnotes(results: Sequence[ProbeResult]) -> list[str]:
     elif data is not None:
         lines.append(f"Data: {data.data}.")
     said = data.data if data is not None else ""
-    for note in dict.fromkeys(note for r in results for note in r.notes if note not in said):
+    for note in dict.fromkeys(note for r in results for note in r.notes
+                              if note not in said and not note.startswith(STACK_NOTE_PREFIX)):
         lines.append(f"Note: {note}")
+    stack_notes = {r.display_name or r.method: next((n for n in r.notes if n.startswith(STACK_NOTE_PREFIX)), None)
+                   for r in results}
+    for name, note in stack_notes.items():  # what each probe ran: optimizer class, base, loss kernel, loop
+        if note:
+            lines.append(f"Stack of {name}: {note.removeprefix(STACK_NOTE_PREFIX)}")
     timed = [r for r in results if r.wall_seconds is not None and not r.from_cache]
     if timed:
         lines.append("Wall time: " + ", ".join(f"{r.display_name or r.method} {r.wall_seconds:.1f} s" for r in timed)

@@ -156,7 +156,7 @@ class ProbeRequest:
 def _recommend(request: Request, model: Any, methods, kb, progress, pool: WorkerPool,
                probing: ProbeRequest = ProbeRequest(False), estimates: Any = None) -> Recommendation:
     from peftpick.knowledge import KnowledgeBase
-    from peftpick.knowledge.architectures import resolve_model
+    from peftpick.knowledge.architectures import resolve_model, with_facts
     from peftpick.methods import candidates_for
     from peftpick.recommender.quality import QualityAssessor
 
@@ -166,6 +166,9 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
     if estimates is not None:  # bundled names resolve without transformers once resolved before
         kb = dataclasses.replace(kb, architectures=kb.architectures.with_cache(estimates.architectures))
     arch = resolve_model(model, kb.architectures)
+    if not arch.facts and arch.denoiser is None:
+        # layer listing and counts once, instead of a meta-device build per method (as a cached name has them)
+        arch = with_facts(arch)
     request = validate_for_model(request, arch)
     workload = workload_of(arch)
     lengths, lengths_note = _data_lengths(request, arch, probing.data)
@@ -355,7 +358,7 @@ def _measured_plan(item: Assessed, result: ProbeResult, request: Request) -> tup
     """The plan with the probe's measured figures in place of the estimate, or the exclusion the probe showed."""
     import dataclasses
 
-    from peftpick.probes.results import probe_to_estimate
+    from peftpick.probes.results import StackMismatch, probe_to_estimate
 
     label = item.candidate.display_name
     if result.status == "oom":
@@ -366,7 +369,10 @@ def _measured_plan(item: Assessed, result: ProbeResult, request: Request) -> tup
             f"{tried.batch_size} and gradient checkpointing; {_shrink_hint(request)}")
     if result.status != "ok" or result.peak_reserved_bytes is None:
         return item.plan, None  # not measured (CPU, or the probe failed): the estimate stands
-    estimate = probe_to_estimate(result, estimate=item.plan.estimate)
+    try:
+        estimate = probe_to_estimate(result, estimate=item.plan.estimate)
+    except StackMismatch:  # the probe ran another stack than the plan's (a fallback): its figures are not the plan's
+        return item.plan, None
     shape = result.shape
     fit = fit_of(estimate, request.vram_gib)
     if fit == "does not fit":

@@ -56,6 +56,8 @@ def plan_arguments(ranked: RankedCandidate, for_trl: bool = False) -> dict[str, 
     }
     if plan.optimizer != LORA_FA:
         arguments["optim"] = TRAINER_OPTIMIZERS.get(plan.optimizer, "adamw_torch")
+    if plan.optimizer == "sgd":  # the Trainer's "sgd" has no momentum; the estimate's and the probes' has 0.9
+        arguments["optim_args"] = "momentum=0.9"
     if model_checkpointing(plan):
         arguments[f"{checkpointing}_kwargs"] = {"use_reentrant": False}
     if for_trl:

@@ -74,6 +74,12 @@ def test_optimizer_option_applies_to_every_method_but_lora_fa(tmp_path):
     rec = peftpick.recommend(MODEL, 24, "vllm", methods=["lora"], workers=1, optimizer="sgd", **SHAPE)
     snippet = peftpick.report.peft_snippet(rec.best)
     assert "torch.optim.SGD(" in snippet and "momentum=0.9" in snippet and "optimizer: SGD" in snippet
+    # the Trainer builds the SGD the estimate traced (its "sgd" alone has no momentum)
+    from transformers import Trainer
+
+    optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(
+        rec.best.training_arguments("out", use_cpu=True, bf16=False))
+    assert optimizer_class.__name__ == "SGD" and kwargs["momentum"] == 0.9
     # SGD keeps one momentum buffer per trainable weight, AdamW two: the estimates say so
     adamw = estimate(MODEL, "lora", optimizer="adamw", **SHAPE)
     sgd = estimate(MODEL, "lora", optimizer="sgd", **SHAPE)
