@@ -207,9 +207,13 @@ def layer_period(arch: Architecture) -> int:
 
 
 def _irregular_layers(arch: Architecture) -> bool:
-    """Models whose first layers differ from the rest (dense-then-MoE) cannot be extrapolated from a few layers."""
+    """Models whose layers differ other than by attention pattern cannot be extrapolated from a few layers:
+    dense-then-MoE, and what `layer_differences` names (per-layer FFN widths, key/value-shared tail layers)."""
+    from peftpick.knowledge.architectures import layer_differences
+
     config = arch.config
-    return bool(config.get("first_k_dense_replace") or config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) not in (None, 1))
+    return bool(config.get("first_k_dense_replace") or config.get("mlp_only_layers")
+                or config.get("decoder_sparse_step", 1) not in (None, 1) or layer_differences(arch))
 
 
 # Units of layers traced before lengthening. The template (unit 2) must sit between two ordinary units: the

@@ -42,6 +42,9 @@ _REQUIRED_FIGURES = {
     "vocabulary size": _VOCAB_KEYS,
 }
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+_EXPERTS_PER_TOKEN_KEYS = ("num_experts_per_tok", "top_k_experts")  # Gemma 4 spells it top_k_experts
+# Figures a family may state once per layer: Gemma 3n's intermediate_size is a list of widths, one per layer.
+_PER_LAYER_FIGURES = frozenset({"intermediate_size"})
 
 # "org/name" as the Hugging Face hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -165,13 +168,30 @@ def load_registry(data_dir: Path | None = None) -> Registry:
 # --------------------------------------------------------------------------------------------- figures
 
 
+def _stated(config: Any, key: str) -> Any:
+    """`key` of a config.json mapping or a PretrainedConfig, None where unset. A heterogeneous config (Gemma 4 gives
+    its full-attention layers their own head_dim and KV heads in `per_layer_config`) refuses to read such a figure
+    globally; its global value (the one the other layers use) is read here."""
+    if isinstance(config, Mapping):
+        return config.get(key)
+    unchecked = getattr(config, "_getattr_without_heterogeneous_validation", None)
+    if unchecked is not None:
+        return unchecked(key, None)
+    return getattr(config, key, None)
+
+
 def _first_present(config: Any, keys: tuple[str, ...]) -> Any:
     """The first attribute (or mapping key) among `keys` that is set and not None."""
     for key in keys:
-        value = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+        value = _stated(config, key)
         if value is not None:
             return value
     return None
+
+
+def _widest(value: Any) -> Any:
+    """One figure for a per-layer list (the widest layer); other values as they are."""
+    return max(value) if isinstance(value, (list, tuple)) and value else value
 
 
 def _explicit_dtype(config: Any) -> str | None:
@@ -212,6 +232,42 @@ def text_config_of(config: Any) -> tuple[Any, str | None]:
         "peftpick recommends methods for decoder-only text models (Llama, Qwen, Mistral, Gemma, Phi, ...); "
         "pass the config of such a model",
     )
+
+
+def layer_differences(arch: Architecture) -> list[str]:
+    """How the decoder layers of `arch` differ from each other beyond their attention pattern (layer_types),
+    in words; [] where every layer of a type is built alike. A model with differences cannot be estimated from a
+    few traced layers repeated to its depth: every layer must be traced.
+
+    Gemma 3n states intermediate_size once per layer and keeps only the top activations of its first layers
+    (activation_sparsity_pattern); Gemma 3n and Gemma 4 E2B / E4B end in layers that reuse earlier keys and values
+    (num_kv_shared_layers: no k_proj / v_proj, and Gemma 4 E2B's double-wide MLPs); a per_layer_config whose
+    overrides do not follow the layer types changes single layers.
+    """
+    config = arch.config
+    found = []
+    widths = config.get("intermediate_size")
+    if isinstance(widths, list):
+        found.append("intermediate_size per layer" + ("" if len(set(widths)) > 1 else " (all alike)"))
+    sparsity = config.get("activation_sparsity_pattern")
+    if isinstance(sparsity, list) and len(set(sparsity)) > 1:
+        found.append("activation sparsity on some layers only")
+    shared = config.get("num_kv_shared_layers")
+    if _whole(shared) and shared > 0:
+        found.append(f"the last {shared} layers reuse earlier keys and values (num_kv_shared_layers)")
+    per_layer = config.get("per_layer_config")
+    layer_types = config.get("layer_types")
+    if isinstance(per_layer, Mapping) and per_layer:
+        try:
+            by_index = {int(index): values for index, values in per_layer.items()}
+        except (TypeError, ValueError):
+            by_index = None
+        by_type: dict[str, Any] = {}
+        if by_index is None or not isinstance(layer_types, list) or not all(
+                by_type.setdefault(kind, by_index.get(i, {})) == by_index.get(i, {})
+                for i, kind in enumerate(layer_types)):
+            found.append("per_layer_config overrides single layers")
+    return found
 
 
 def context_length(arch: Architecture) -> int | None:
@@ -258,7 +314,10 @@ def architecture_from_config(
 
     GPT-2 spells its figures n_embd / n_layer / n_head; `head_dim` defaults to hidden/heads and the KV head count
     to the head count. For mixture-of-experts models `intermediate_size` is one expert's FFN width
-    (`moe_intermediate_size` where the family has it) and `num_experts` / `experts_per_token` are filled in.
+    (`moe_intermediate_size` where the family has it) and `num_experts` / `experts_per_token` are filled in. A
+    per-layer `intermediate_size` (Gemma 3n: one width per layer) gives its widest layer; the full list stays in
+    `Architecture.config`. Where layers override figures (Gemma 4's `per_layer_config`: wider heads and fewer KV
+    heads on full-attention layers), `head_dim` and `num_kv_heads` are the global values the other layers use.
     """
     _refuse_non_causal(config, name)
     text_config, text_note = text_config_of(config)
@@ -279,10 +338,10 @@ def architecture_from_config(
     kv_heads = int(_first_present(text_config, ("num_key_value_heads", "num_kv_heads", "n_head_kv")) or heads)
     head_dim = int(_first_present(text_config, ("head_dim",)) or hidden // heads)
     num_experts = int(_first_present(text_config, _EXPERT_COUNT_KEYS) or 0)
-    experts_per_token = int(_first_present(text_config, ("num_experts_per_tok",)) or 0) if num_experts else 0
+    experts_per_token = int(_first_present(text_config, _EXPERTS_PER_TOKEN_KEYS) or 0) if num_experts else 0
     intermediate_keys = ("moe_intermediate_size", "intermediate_size") if num_experts else ("intermediate_size",)
     # GPT-2 leaves n_inner unset and uses 4 x hidden.
-    intermediate = _first_present(text_config, (*intermediate_keys, "n_inner", "ffn_dim")) or 4 * hidden
+    intermediate = _widest(_first_present(text_config, (*intermediate_keys, "n_inner", "ffn_dim"))) or 4 * hidden
     tie = getattr(text_config, "tie_word_embeddings", None)
     if tie is None:
         tie = getattr(config, "tie_word_embeddings", True)
@@ -335,13 +394,14 @@ def _missing_figures(raw: Mapping[str, Any]) -> list[str]:
 _FIGURE_LIMITS = {
     **{key: 1 << 17 for key in _HIDDEN_KEYS},
     **{key: 1 << 10 for key in _LAYER_KEYS},
-    **{key: 1 << 12 for key in (*_HEAD_KEYS, "num_key_value_heads", "num_kv_heads", "n_head_kv", "head_dim")},
+    **{key: 1 << 12 for key in (*_HEAD_KEYS, "num_key_value_heads", "num_kv_heads", "n_head_kv", "head_dim",
+                                 "global_head_dim", "num_global_key_value_heads")},
     **{key: 1 << 23 for key in _VOCAB_KEYS},
     **{key: 1 << 20 for key in ("intermediate_size", "moe_intermediate_size", "n_inner", "ffn_dim")},
-    **{key: 1 << 12 for key in (*_EXPERT_COUNT_KEYS, "num_experts_per_tok")},
+    **{key: 1 << 12 for key in (*_EXPERT_COUNT_KEYS, *_EXPERTS_PER_TOKEN_KEYS)},
     **{key: 1 << 26 for key in ("max_position_embeddings", "n_positions")},
 }
-_MAY_BE_ZERO = {"num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok"}
+_MAY_BE_ZERO = {"num_experts", "num_local_experts", "n_routed_experts", *_EXPERTS_PER_TOKEN_KEYS}
 
 
 def _strings(value: Any) -> bool:
@@ -383,21 +443,16 @@ def _shown(value: Any) -> str:
 
 def check_config_figures(config: Any, where: str) -> None:
     """PeftpickError unless every size figure `config` states (a config.json mapping or a PretrainedConfig) is a
-    whole number within `_FIGURE_LIMITS`, the other keys peftpick reads hold the JSON `_FIELD_TYPES` says (for a
-    mapping), and the attention heads divide into key/value groups."""
-    def stated(key: str) -> Any:
-        return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
-
+    whole number within `_FIGURE_LIMITS` (a per-layer figure such as Gemma 3n's intermediate_size may be a list of
+    them, one per layer, each within the same limit), the other keys peftpick reads hold the JSON `_FIELD_TYPES`
+    says (for a mapping), and the attention heads divide into key/value groups."""
     for key, limit in _FIGURE_LIMITS.items():
-        value = stated(key)
-        if value is None:
-            continue
-        low = 0 if key in _MAY_BE_ZERO else 1
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= limit:
-            raise PeftpickError(
-                f"{where}: {key} is {_shown(value)}, expected a whole number from {low} to {limit:,}",
-                "use the model's original config.json",
-            )
+        _check_figure(key, _stated(config, key), limit, where, _stated(config, "num_hidden_layers"))
+    overrides = getattr(getattr(config, "__dict__", {}).get("_heterogeneity_spec"), "per_layer_overrides", None)
+    for layer, settings in (overrides or {}).items():  # a PretrainedConfig's per_layer_config
+        for key, value in settings.items():
+            if key in _FIGURE_LIMITS:
+                _check_figure(key, value, _FIGURE_LIMITS[key], f"{where} (per_layer_config of layer {layer})", None)
     if isinstance(config, Mapping):
         for key, (fits, expected) in _FIELD_TYPES.items():
             value = config.get(key)
@@ -409,6 +464,26 @@ def check_config_figures(config: Any, where: str) -> None:
     if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
         raise PeftpickError(f"{where}: {heads} attention heads do not split into {kv_heads} key/value heads",
                             "use the model's original config.json (the head count is a multiple of the KV head count)")
+
+
+def _check_figure(key: str, value: Any, limit: int, where: str, layers: Any) -> None:
+    if value is None:
+        return
+    low = 0 if key in _MAY_BE_ZERO else 1
+    fix = "use the model's original config.json"
+    if key in _PER_LAYER_FIGURES and isinstance(value, (list, tuple)):
+        if not value:
+            raise PeftpickError(f"{where}: {key} is [], expected a whole number or one per layer", fix)
+        for index, item in enumerate(value):
+            if not _whole(item) or not low <= item <= limit:
+                raise PeftpickError(f"{where}: {key}[{index}] is {_shown(item)}, expected a whole number from {low} "
+                                    f"to {limit:,}", fix)
+        if _whole(layers) and len(value) != layers:
+            raise PeftpickError(f"{where}: {key} lists {len(value)} widths for {layers} layers, expected one per "
+                                "layer (or a single number)", fix)
+        return
+    if not _whole(value) or not low <= value <= limit:
+        raise PeftpickError(f"{where}: {key} is {_shown(value)}, expected a whole number from {low} to {limit:,}", fix)
 
 
 def _read_local_config(config_file: Path) -> Architecture:
@@ -666,33 +741,94 @@ def build_config(arch: Architecture, **overrides: Any) -> Any:
     """A transformers config for `arch` with `overrides` applied (e.g. num_hidden_layers=1).
 
     Overrides may use the modern names (hidden_size, num_hidden_layers, num_attention_heads) for every family;
-    they are translated through the config class's attribute map (GPT-2: n_embd, n_layer, n_head). Per-layer lists
-    (layer_types, mlp_only_layers) follow a changed layer count.
+    they are translated through the config class's attribute map (GPT-2: n_embd, n_layer, n_head). At another
+    depth the model keeps its first layers as they are (see `_fit_to_depth`): per-layer lists (layer_types,
+    mlp_only_layers, Gemma 3n's intermediate_size and activation_sparsity_pattern) are cut or repeated, the KV-shared
+    tail (num_kv_shared_layers) starts after the same number of layers, and `per_layer_config` (keyed by the layer
+    indices of `arch`) follows each layer's type.
     """
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
-    settings = dict(arch.config)
+    settings = copy.deepcopy(dict(arch.config))  # transformers rewrites nested settings (rope parameters) in place
     model_type = settings.pop("model_type", arch.model_type)
     config_class = _config_class(model_type, f"architecture {arch.name}")
     attribute_map = getattr(config_class, "attribute_map", {}) or {}
-    for key, value in overrides.items():
-        settings[attribute_map.get(key, key)] = value
     layer_key = attribute_map.get("num_hidden_layers", "num_hidden_layers")
-    if layer_key in overrides or "num_hidden_layers" in overrides:
-        layers = int(settings[layer_key])
-        layer_types = settings.get("layer_types")
-        if isinstance(layer_types, list) and layer_types and "layer_types" not in overrides:
-            # Keep the family's local/global pattern, cut or repeated to the new depth.
-            settings["layer_types"] = [layer_types[i % len(layer_types)] for i in range(layers)]
-        if isinstance(settings.get("mlp_only_layers"), list) and "mlp_only_layers" not in overrides:
-            settings["mlp_only_layers"] = [i for i in settings["mlp_only_layers"] if i < layers]
+    original_layers = settings.get(layer_key)
+    original_types = settings.get("layer_types")
+    for key, value in overrides.items():
+        settings[attribute_map.get(key, key)] = copy.deepcopy(value)  # nor the caller's lists (Gemma 4's layer_types)
+    deeper_or_shallower = layer_key in overrides or "num_hidden_layers" in overrides
+    if deeper_or_shallower:
+        _fit_to_depth(settings, int(settings[layer_key]), overrides, original_layers, original_types)
+    wanted = list(settings["layer_types"]) if isinstance(settings.get("layer_types"), list) else None
+    level = hf_logging.get_verbosity()
+    if deeper_or_shallower:  # Gemma 4 warns when a cut model's last layer is not full attention (see below)
+        hf_logging.set_verbosity_error()
     try:
-        return AutoConfig.for_model(model_type, **settings)
+        config = AutoConfig.for_model(model_type, **settings)
     except (TypeError, ValueError) as error:
         raise PeftpickError(
             f"cannot build a {model_type} config for {arch.name} with {overrides}: {error}",
             "keep the overridden figures consistent (hidden size = heads x head_dim, heads divisible by KV heads)",
         ) from None
+    finally:
+        hf_logging.set_verbosity(level)
+    built = getattr(config, "layer_types", None)
+    if deeper_or_shallower and isinstance(wanted, list) and isinstance(built, list) and built != wanted \
+            and len(built) == len(wanted):
+        # Gemma 4 turns the last layer of any model into a full-attention layer; a model cut to its first layers
+        # keeps the types those layers have (layer 0 of Gemma 4 31B is a sliding layer with its own v_proj).
+        config.layer_types = list(wanted)
+    return config
+
+
+# Per-layer lists that follow a changed depth, cut or repeated like layer_types.
+_PER_LAYER_LISTS = ("intermediate_size", "activation_sparsity_pattern")
+
+
+def _fit_to_depth(settings: dict[str, Any], layers: int, overrides: Mapping[str, Any], original_layers: Any,
+                  original_types: Any) -> None:
+    """Adjust `settings` (config keys, overrides applied) in place to `layers` layers: the first layers of the
+    original model stay as they were, further layers repeat its pattern."""
+    layer_types = settings.get("layer_types")
+    if isinstance(layer_types, list) and layer_types and "layer_types" not in overrides:
+        # Keep the family's local/global pattern, cut or repeated to the new depth.
+        settings["layer_types"] = [layer_types[i % len(layer_types)] for i in range(layers)]
+    if isinstance(settings.get("mlp_only_layers"), list) and "mlp_only_layers" not in overrides:
+        settings["mlp_only_layers"] = [i for i in settings["mlp_only_layers"] if i < layers]
+    for key in _PER_LAYER_LISTS:
+        values = settings.get(key)
+        if isinstance(values, list) and values and key not in overrides:
+            settings[key] = [values[i % len(values)] for i in range(layers)]
+    shared = settings.get("num_kv_shared_layers")
+    if _whole(shared) and shared > 0 and _whole(original_layers) and "num_kv_shared_layers" not in overrides:
+        # The last `shared` layers reuse the keys and values of earlier ones; the layers before them compute their
+        # own, and still do at another depth.
+        settings["num_kv_shared_layers"] = max(0, layers - max(0, original_layers - shared))
+    per_layer = settings.get("per_layer_config")
+    if isinstance(per_layer, Mapping) and per_layer:
+        settings["per_layer_config"] = _per_layer_config_at(per_layer, original_types, settings.get("layer_types"),
+                                                            layers, original_layers)
+
+
+def _per_layer_config_at(per_layer: Mapping[Any, Any], original_types: Any, layer_types: Any, layers: int,
+                         original_layers: Any) -> dict[int, Any]:
+    """`per_layer_config` (layer index -> overrides, indices of the original model) for `layers` layers of
+    `layer_types`: by layer type where every layer of a type has the same overrides (Gemma 4: head_dim 512 on
+    full-attention layers), else by position in the repeated original layers."""
+    try:
+        by_index = {int(index): dict(values) for index, values in per_layer.items()}
+    except (TypeError, ValueError):
+        return dict(per_layer)  # not layer indices: transformers says what is wrong with it
+    if isinstance(original_types, list) and original_types and isinstance(layer_types, list):
+        by_type: dict[str, dict] = {}
+        if all(by_type.setdefault(kind, by_index.get(i, {})) == by_index.get(i, {})
+               for i, kind in enumerate(original_types)):
+            return {i: dict(by_type[kind]) for i, kind in enumerate(layer_types[:layers]) if by_type.get(kind)}
+    period = original_layers if _whole(original_layers) and original_layers > 0 else max(by_index) + 1
+    return {i: dict(by_index[i % period]) for i in range(layers) if i % period in by_index}
 
 
 def tiny_overrides(arch: Architecture, hidden_size: int = 64, num_heads: int = 4, num_layers: int = 1,
@@ -727,14 +863,41 @@ def tiny_overrides(arch: Architecture, hidden_size: int = 64, num_heads: int = 4
     for key in _EXPERT_COUNT_KEYS:
         if config.get(key):
             overrides[key] = min(int(config[key]), 4)
-    if config.get("num_experts_per_tok"):
-        overrides["num_experts_per_tok"] = min(int(config["num_experts_per_tok"]), 2)
+    for key in _EXPERTS_PER_TOKEN_KEYS:
+        if config.get(key):
+            overrides[key] = min(int(config[key]), 2)
+    # Per-layer embeddings (Gemma 3n, Gemma 4 E2B / E4B): a vocabulary x (layers x width) table of their own.
+    if config.get("hidden_size_per_layer_input"):
+        overrides["hidden_size_per_layer_input"] = max(1, hidden_size // 4)
+    if config.get("vocab_size_per_layer_input"):
+        overrides["vocab_size_per_layer_input"] = vocab_size
+    if config.get("laurel_rank"):
+        overrides["laurel_rank"] = max(1, hidden_size // 8)
+    per_layer = config.get("per_layer_config")
+    if isinstance(per_layer, Mapping) and per_layer:
+        overrides["per_layer_config"] = {
+            index: _tiny_layer_overrides(values, arch, head_dim, num_heads) for index, values in per_layer.items()
+        }
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = config.get(key)
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, int) and v >= vocab_size for v in values):
             overrides[key] = None  # ids from the real vocabulary would index past the shrunk embedding
     return overrides
+
+
+def _tiny_layer_overrides(values: Any, arch: Architecture, head_dim: int, num_heads: int) -> Any:
+    """One layer's `per_layer_config` overrides, shrunk like the global figures (head widths keep their ratio to
+    the global head_dim, KV heads their grouping)."""
+    if not isinstance(values, Mapping):
+        return values
+    shrunk = dict(values)
+    if _whole(shrunk.get("head_dim")) and arch.head_dim:
+        shrunk["head_dim"] = max(1, head_dim * shrunk["head_dim"] // arch.head_dim)
+    if _whole(shrunk.get("num_key_value_heads")) and shrunk["num_key_value_heads"] > 0:
+        group = max(1, arch.num_heads // shrunk["num_key_value_heads"])
+        shrunk["num_key_value_heads"] = num_heads // group if group <= num_heads and num_heads % group == 0 else 1
+    return shrunk
 
 
 def _torch_dtype(dtype: Any) -> Any:
