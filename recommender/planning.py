@@ -179,11 +179,16 @@ class Planner:
     def _wants_8bit(self, candidate: Candidate, plan: TrainingPlan) -> bool:
         """Whether the optimizer lever applies: it may, the candidate trains with AdamW and fits in no setting
         tried, and what the optimizer holds at the peak (its state and the step's temporaries, more than 8 bits can
-        save) is large enough to change that."""
+        save) is large enough to change that, and the weights, gradients and two bytes of 8-bit state per trainable
+        weight alone would fit."""
         if not self._optimizer_lever or self.optimizer_of(candidate) != "adamw" or plan.fit != "does not fit":
             return False
         estimate = plan.estimate
-        return _may_fit(estimate.peak_reserved_bytes - estimate.breakdown.get("optimizer", 0), self.vram_gib)
+        if not _may_fit(estimate.peak_reserved_bytes - estimate.breakdown.get("optimizer", 0), self.vram_gib):
+            return False
+        # 8-bit AdamW still keeps two one-byte states per trainable weight beside the weights and gradients
+        held = sum(estimate.breakdown.get(part, 0) for part in ("weights", "adapter", "grads"))
+        return _may_fit(held + EIGHT_BIT_STATE_BYTES * estimate.trainable_params, self.vram_gib)
 
     def _hopeless_full_fine_tuning(self, candidate: Candidate) -> TrainingPlan | None:
         """Full fine-tuning whose weights and gradients alone (two bytes each per parameter in bf16) exceed the
@@ -356,6 +361,9 @@ def can_checkpoint(candidate: Candidate) -> bool:
 
 
 EIGHT_BIT_ADAMW = "adamw-8bit"
+# bitsandbytes' 8-bit AdamW: exp_avg and exp_avg_sq as uint8 per element (bitsandbytes/optim/optimizer.py
+# Optimizer2State.init_state); tensors under its min_8bit_size stay 32-bit, so this is a lower bound
+EIGHT_BIT_STATE_BYTES = 2
 
 
 def _optimizer_saving(adamw: MemoryEstimate | None, eight_bit: MemoryEstimate) -> int | None:
@@ -428,6 +436,10 @@ class WorkerPool:
     few adapter weights) runs on one thread (estimator.training), so a process that only estimates stays safe;
     a process that has run CPU work with several threads (torch.get_num_threads() > 1 and parallel ops done) must
     use workers=1, which `recommend` defaults to outside the command line.
+
+    The first estimate runs in this process and the workers are forked after it: they inherit the modules it
+    loaded lazily and the tracer's operator results, which a worker forked cold would each rebuild (a cold worker's
+    first estimates take about twice as long).
     """
 
     def __init__(self, workers: int = 1):
@@ -435,17 +447,20 @@ class WorkerPool:
         self._executor = None
         self._submitted: list[tuple[Any, Any, str, Any]] = []  # in-process: (estimator, job, label, key) to run
         self._futures: dict[Any, tuple[str, Any]] = {}  # workers: future -> (label, key)
+        self._in_process_done = 0  # estimates run here; the workers are forked after the first
 
     def __enter__(self) -> WorkerPool:
+        return self
+
+    def _start_workers(self) -> None:
         import multiprocessing
         import sys
 
-        if self.workers > 1 and sys.platform == "linux":
+        if self._executor is None and self.workers > 1 and sys.platform == "linux" and self._in_process_done:
             from concurrent.futures import ProcessPoolExecutor
 
             self._executor = ProcessPoolExecutor(max_workers=self.workers,
                                                  mp_context=multiprocessing.get_context("fork"))
-        return self
 
     def __exit__(self, *exc) -> None:
         if self._executor is not None:
@@ -459,6 +474,7 @@ class WorkerPool:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        self._start_workers()
         while self._executor is not None and self._submitted and len(self._futures) < self.workers:
             estimator, job, label, key = self._submitted.pop(0)
             self._futures[self._executor.submit(_guarded, estimator, job)] = (label, key)
@@ -469,7 +485,10 @@ class WorkerPool:
             estimator, job, label, key = self._submitted.pop(0)
             if progress:
                 progress(f"estimating {label}")
-            return key, _guarded(estimator, job)
+            outcome = _guarded(estimator, job)
+            self._in_process_done += 1
+            self._dispatch()  # the queued rest goes to the workers, forked now
+            return key, outcome
         from concurrent.futures import FIRST_COMPLETED, wait
 
         done, _ = wait(self._futures, return_when=FIRST_COMPLETED)

@@ -5,6 +5,7 @@ Accuracy against real GPU peaks is measured by benchmarks/compare_estimates.py, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -224,3 +225,40 @@ def test_method_name_with_rank_and_targets_overrides(config):
     est = estimate("smollm2-135m", "lora", rank=4, targets=["q_proj", "k_proj", "v_proj"], batch_size=1, seq_len=8)
     # SmolLM2-135M: 30 layers, hidden 576, 3 KV heads x 64: q 576->576, k and v 576->192
     assert est.trainable_params == 30 * 4 * ((576 + 576) + 2 * (576 + 192))
+
+
+def test_boft_permutation_matrix_equals_peft_perm2mat_and_boft_builds_on_meta():
+    import torch
+    from peft.tuners.boft.layer import BOFTLayer
+
+    from peftpick.estimator.training import _builds_on_meta, permutation_matrix
+
+    layer = BOFTLayer.__new__(BOFTLayer)  # perm2mat and block_butterfly_perm read no layer state
+    for n, blocks, half_block, factor in ((16, 4, 2, 1), (64, 8, 4, 2), (12, 3, 2, 0)):
+        indices = layer.block_butterfly_perm(n, blocks, half_block, factor)
+        expected = layer.perm2mat(indices)
+        got = permutation_matrix(indices)
+        assert got.dtype == expected.dtype == torch.float32 and torch.equal(got, expected)
+    from peft import BOFTConfig
+
+    assert _builds_on_meta(BOFTConfig(boft_block_size=4, target_modules=["q_proj"]))
+
+
+def test_boft_estimate_is_unchanged_by_the_vectorized_permutations(config):
+    """The meta build with the one-write permutation matrix gives the bytes PEFT's own per-element build gives."""
+    from unittest import mock
+
+    from peft import BOFTConfig
+
+    import peftpick.estimator.training as training
+
+    arch = architecture_from_config(config, name="small-llama", source="test")
+    shape = TrainingShape(batch_size=2, seq_len=32, gradient_checkpointing=True)
+    boft = BOFTConfig(boft_block_size=4, target_modules=["q_proj", "v_proj"])
+    fast = estimate_architecture(arch, boft, shape, exact=True)
+    with mock.patch.object(training, "_builds_on_meta", lambda _config: False), \
+            mock.patch.object(training, "_vectorized_boft_permutations", contextlib.nullcontext):
+        slow = estimate_architecture(arch, boft, shape, exact=True)
+    assert (fast.peak_allocated_bytes, fast.peak_reserved_bytes, fast.trainable_params) == \
+        (slow.peak_allocated_bytes, slow.peak_reserved_bytes, slow.trainable_params)
+    assert fast.breakdown == slow.breakdown

@@ -92,3 +92,30 @@ def test_bad_optimizer_is_one_line_with_exit_code_2(value, words):
     result = CliRunner().invoke(app, ["--model", MODEL, "--vram", "24", "--optimizer", value])
     assert result.exit_code == 2
     assert words in result.output and "Traceback" not in result.output
+
+
+def test_8bit_adamw_is_not_traced_where_weights_gradients_and_8bit_state_alone_cannot_fit(needs):
+    """Weights + gradients (2 + 2 bytes per bf16 weight) + 8-bit state (2 bytes) exceed the VRAM, while the
+    weaker bound (AdamW's peak less its optimizer part) still fits: no 8-bit setting is estimated."""
+    est = estimate(MODEL, "full", batch_size=1, seq_len=SHAPE["seq_len"], gradient_checkpointing=True)
+    params = est.trainable_params
+    held_gib = (4 * params + CONTEXT_RESERVE_BYTES) / GIB
+    lower = (est.peak_reserved_bytes - est.breakdown["optimizer"] + CONTEXT_RESERVE_BYTES) / GIB
+    assert lower < held_gib + 2 * params / GIB  # the case the new bound catches exists
+    vram = (held_gib + 1.5 * params / GIB) if lower <= held_gib + 1.5 * params / GIB else None
+    if vram is None:
+        pytest.skip("no VRAM separates the two bounds for this model")
+    estimated = []
+    from peftpick.recommender import planning
+
+    original = planning._default_estimator
+
+    def counting(arch, config, shape):
+        estimated.append(shape.optimizer)
+        return original(arch, config, shape)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(planning, "_default_estimator", counting)
+        rec = peftpick.recommend(MODEL, vram, "vllm", methods=["full"], workers=1, **SHAPE)
+    assert estimated and "adamw-8bit" not in estimated
+    assert not rec.ranked

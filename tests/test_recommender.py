@@ -167,3 +167,25 @@ def test_estimate_workers_give_the_same_plans_as_estimating_in_process():
     plans = lambda rec: {r.method: (r.plan.micro_batch, r.plan.gradient_checkpointing,  # noqa: E731
                                     r.estimate.peak_reserved_bytes) for r in rec.ranked}
     assert plans(serial) == plans(forked) and len(plans(serial)) == 4
+
+
+def _process_id(_job):
+    import os
+
+    return os.getpid()
+
+
+def test_worker_pool_runs_the_first_estimate_here_and_forks_workers_after_it():
+    """Workers forked after the first estimate inherit what it loaded (the tracer's operator results)."""
+    import os
+    import sys
+
+    from peftpick.recommender.planning import WorkerPool
+
+    with WorkerPool(2) as pool:
+        for key in range(4):
+            pool.submit(_process_id, (key,), f"job {key}", key)
+        outcomes = dict(pool.next_completed(None) for _ in range(4))
+    assert outcomes[0] == os.getpid()
+    if sys.platform == "linux":
+        assert all(outcomes[key] != os.getpid() for key in (1, 2, 3))
