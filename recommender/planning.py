@@ -135,7 +135,8 @@ class Planner:
         candidates = [c for c in candidates if c.method not in hopeless]
         if not candidates:
             return result
-        with pool if isinstance(pool, WorkerPool) else WorkerPool(pool) as workers:
+        # a pool handed in is the caller's to close: its forked workers serve later plan_all calls too
+        with contextlib.nullcontext(pool) if isinstance(pool, WorkerPool) else WorkerPool(pool) as workers:
             self._choose_loss(candidates, workers, progress)
             plain_first, saving = self._checkpointing_saving(candidates, workers, progress)
             queues = {c.method: list(self.settings(can_checkpoint(c), plain_first)) for c in candidates}
@@ -465,6 +466,7 @@ class WorkerPool:
     def __exit__(self, *exc) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None  # a later use forks new workers rather than submitting to closed ones
 
     def submit(self, estimator: Estimator, job, label: str, key: Any, first: bool = False) -> None:
         """Queue one estimate (`first`: ahead of those queued); `next_completed` hands it back with `key`.

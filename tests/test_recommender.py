@@ -189,3 +189,17 @@ def test_worker_pool_runs_the_first_estimate_here_and_forks_workers_after_it():
     assert outcomes[0] == os.getpid()
     if sys.platform == "linux":
         assert all(outcomes[key] != os.getpid() for key in (1, 2, 3))
+
+
+def test_a_closed_worker_pool_forks_new_workers_rather_than_refusing_jobs():
+    """Stop 19's CI failed with 'cannot schedule new futures after shutdown': planning closed the caller's pool and
+    the QLoRA alternative was then planned on it (tests/test_multi_gpu.py covers that path end to end)."""
+    from peftpick.recommender.planning import WorkerPool
+
+    pool = WorkerPool(2)
+    for round_ in range(2):
+        with pool:
+            for key in range(3):
+                pool.submit(_process_id, (key,), f"job {key}", (round_, key))
+            outcomes = dict(pool.next_completed(None) for _ in range(3))
+        assert set(outcomes) == {(round_, key) for key in range(3)}
