@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -564,7 +563,7 @@ def peft_config_facts(config_class: str, cache: Any = None) -> tuple[str, frozen
     key = parts = None
     stored = None
     if cache is not None:
-        key, parts = cache.key({"peft_config_facts": 1})
+        key, parts = cache.key({"peft_config_facts": 2})
         stored = cache.get(key)
     if not (isinstance(stored, dict) and isinstance(stored.get("fields"), dict)
             and isinstance(stored.get("defaults"), dict)):
@@ -580,6 +579,9 @@ def peft_config_facts(config_class: str, cache: Any = None) -> tuple[str, frozen
 
 
 def _read_peft_config_facts() -> dict[str, Any]:
+    """Each PEFT config class's fields and declared defaults. Read from the dataclass fields rather than from an
+    instance: `__post_init__` of some classes imports heavy libraries (AdaMSS imports scikit-learn), and it only
+    fills in fields no snippet passes (peft_type, peft_version)."""
     import peft
 
     fields, defaults = {}, {}
@@ -588,12 +590,13 @@ def _read_peft_config_facts() -> dict[str, Any]:
         if not (name.endswith("Config") and isinstance(value, type) and dataclasses.is_dataclass(value)):
             continue
         fields[name] = sorted(field.name for field in dataclasses.fields(value))
-        try:
-            with warnings.catch_warnings():  # some classes warn about the settings a default instance lacks
-                warnings.simplefilter("ignore")
-                instance = value()
-        except Exception:  # noqa: BLE001 - a config class that needs arguments has no defaults to leave out
-            continue
-        defaults[name] = {field.name: repr(getattr(instance, field.name)) for field in dataclasses.fields(value)
-                          if field.init}
+        declared = {}
+        for field in dataclasses.fields(value):
+            if not field.init:
+                continue
+            if field.default is not dataclasses.MISSING:
+                declared[field.name] = repr(field.default)
+            elif field.default_factory is not dataclasses.MISSING:
+                declared[field.name] = repr(field.default_factory())
+        defaults[name] = declared
     return {"version": peft.__version__, "fields": fields, "defaults": defaults}

@@ -764,6 +764,11 @@ def _model_launch(folder: Path, serve: str) -> tuple[str, ...]:
 
 def main() -> None:
     """Entry point of the `peftpick` script."""
+    import logging
+
+    # bitsandbytes logs at import that its CPU 4-bit kernels are missing: this process only traces on the meta
+    # device (probes run in their own processes), so the line is noise on every run
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         app()
     except KeyboardInterrupt:  # before a command's own handler is in place (e.g. while parsing)

@@ -125,8 +125,23 @@ def recommend(
     if request.gpus > 1:
         probe = False  # the single-GPU probe would not measure the sharded run (see `peftpick probe --gpus`)
     probing = ProbeRequest(probe, probe_steps, probe_top, data, probe_device, bool(cache))
-    with WorkerPool(workers or 1) as pool, _estimate_cache(cache) as estimates:
-        return _recommend(request, model, methods, kb, progress, pool, probing, estimates)
+    from peftpick.knowledge import KnowledgeBase
+    from peftpick.recommender.background import ForkedService
+
+    kb = kb or KnowledgeBase.load()
+    # with workers, the quality models are fitted and asked in a child, beside the torch import and the planning
+    with ForkedService(_quality_models, kb, True, fork=(workers or 1) > 1) as quality_models, \
+            WorkerPool(workers or 1) as pool, _estimate_cache(cache) as estimates:
+        return _recommend(request, model, methods, kb, progress, pool, probing, estimates, quality_models)
+
+
+def _quality_models(kb, prefit: bool = False):
+    """The quality models (recommender.quality.QualityModels); `prefit`: every workload's benchmark at once, since
+    which one a model needs is known only once it is resolved."""
+    from peftpick.recommender.quality import QualityModels
+    from peftpick.workloads import WORKLOADS
+
+    return QualityModels(kb, [spec.benchmark for spec in WORKLOADS.values()] if prefit else ())
 
 
 @contextlib.contextmanager
@@ -154,11 +169,12 @@ class ProbeRequest:
 
 
 def _recommend(request: Request, model: Any, methods, kb, progress, pool: WorkerPool,
-               probing: ProbeRequest = ProbeRequest(False), estimates: Any = None) -> Recommendation:
+               probing: ProbeRequest = ProbeRequest(False), estimates: Any = None,
+               quality_models: Any = None) -> Recommendation:
     from peftpick.knowledge import KnowledgeBase
     from peftpick.knowledge.architectures import resolve_model, with_facts
     from peftpick.methods import candidates_for
-    from peftpick.recommender.quality import QualityAssessor
+    from peftpick.recommender.background import ForkedService
 
     say = progress or (lambda _message: None)
     kb = kb or KnowledgeBase.load()
@@ -213,7 +229,7 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
             kept.append((candidate, plan))
 
     say("fitting the quality model to the benchmark runs")
-    assessor = QualityAssessor.from_knowledge(kb, workload.benchmark)
+    quality_models = quality_models or ForkedService(_quality_models, kb, fork=False)
     lora_speeds = _benchmark_speeds(kb, workload.benchmark)
     drifts = _benchmark_drifts(kb, workload.benchmark)
     full_model_bytes = _full_model_bytes(arch)
@@ -224,8 +240,8 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
         losses = list(probe.losses) if use_losses and probe is not None and probe.status == "ok" else None
         reference_losses = (list(reference.losses) if losses is not None and reference is not None
                             and reference.status == "ok" else None)
-        quality = assessor.assess(candidate, arch, estimate.trainable_params or None, estimate.total_params or None,
-                                  losses, reference_losses)
+        quality = quality_models.call("assess", workload.benchmark, candidate, arch, estimate.trainable_params or None,
+                                      estimate.total_params or None, losses, reference_losses)
         speed, speed_source, measured = _speed(candidate, probe, reference, lora_speeds)
         return Assessed(candidate, plan, serving(candidate),
                         _evidence(candidate, kb, workload.benchmark), quality, speed, speed_source, full_model_bytes,
@@ -435,7 +451,7 @@ def _full_model_bytes(arch) -> int:
 
 def _uncertainty(ranked: list[RankedCandidate]) -> tuple[str, ...]:
     """Notes for the groups of top candidates that the quality figures cannot order (the best one's group first)."""
-    from peftpick.recommender.quality import overlap_note, overlapping
+    from peftpick.recommender.uncertainty import overlap_note, overlapping
 
     top = [r for r in ranked[:TOP_COMPARED] if r.quality is not None and not r.flags]
     predictions = {r.candidate.display_name: r.quality for r in top}

@@ -41,6 +41,7 @@ from sklearn.ensemble import RandomForestRegressor
 
 from peftpick.knowledge.benchmarks import LORA_REFERENCE, parse_series
 from peftpick.probes.results import fit_loss_slope
+from peftpick.recommender.uncertainty import overlap_note, overlapping  # noqa: F401 - re-exported
 from peftpick.types import Architecture, Candidate, QualityPrediction
 
 if TYPE_CHECKING:
@@ -666,32 +667,22 @@ def flag_non_learning(losses: Sequence[float], confidence: float = 0.95) -> str 
             f"{len(values)} steps is not below zero at {confidence:.0%} confidence")
 
 
-def overlapping(predictions: Mapping[str, QualityPrediction]) -> list[set[str]]:
-    """Groups of candidates the figures cannot order: each member's figure lies inside every other member's
-    interval. Candidates are taken best figure first; each joins the first group it fits, else starts one. Only
-    groups of two or more are returned, the group with the best figure first."""
-    ordered = sorted(predictions, key=lambda name: (-predictions[name].relative, name))
-    groups: list[list[str]] = []
-    for name in ordered:
-        mine = predictions[name]
-        for group in groups:
-            if all(mine.contains(predictions[other].relative) and predictions[other].contains(mine.relative)
-                   for other in group):
-                group.append(name)
-                break
-        else:
-            groups.append([name])
-    return [set(group) for group in groups if len(group) > 1]
 
+class QualityModels:
+    """The quality assessor of each benchmark, fitted on first use or, with `prefit`, of all of them at once (as the
+    forked child of `recommender.background` does while the command imports torch)."""
 
-def overlap_note(group: Iterable[str], predictions: Mapping[str, QualityPrediction]) -> str:
-    """One paragraph for the report: these candidates are within each other's uncertainty, and what settles it."""
-    names = sorted(group, key=lambda name: (-predictions[name].relative, name))
-    figures = ", ".join(f"{name} {predictions[name].relative:.2f} [{predictions[name].low:.2f}-"
-                        f"{predictions[name].high:.2f}]" for name in names)
-    level = max(predictions[name].level for name in names)
-    listed = ", ".join(names[:-1]) + f" and {names[-1]}"
-    return (f"{listed} are within each other's {level:.0%} intervals ({figures} x plain LoRA), so the evidence does "
-            "not order them. A longer probe shows whether each one learns on your data, but early loss does not "
-            "order methods this close (on MetaMathQA, Spearman at most 0.45 among the 21 runs above 45 %); a real "
-            "training run on your data, evaluated on your task, settles it.")
+    def __init__(self, kb: KnowledgeBase, prefit: Iterable[str] = ()):
+        self._kb = kb
+        self._assessors: dict[str, QualityAssessor] = {}
+        for benchmark in prefit:
+            self._assessor(benchmark)
+
+    def _assessor(self, benchmark: str) -> QualityAssessor:
+        if benchmark not in self._assessors:
+            self._assessors[benchmark] = QualityAssessor.from_knowledge(self._kb, benchmark)
+        return self._assessors[benchmark]
+
+    def assess(self, benchmark: str, *args: Any) -> QualityPrediction:
+        """`QualityAssessor.assess(*args)` with `benchmark`'s assessor."""
+        return self._assessor(benchmark).assess(*args)

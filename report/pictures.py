@@ -102,10 +102,10 @@ def grouped_bytes(ranked: RankedCandidate) -> dict[str, int]:
 
 def leader_tie_group(rec: Recommendation) -> frozenset[str]:
     """Display names of the candidates the quality figures cannot order against the leader, the leader included;
-    empty when the leader stands apart. The recommender's own rule (recommender.quality.overlapping over the top
+    empty when the leader stands apart. The recommender's own rule (recommender.uncertainty.overlapping over the top
     TOP_COMPARED candidates with a figure and no flag), so the shading matches the report's uncertainty note."""
     from peftpick.recommender import TOP_COMPARED
-    from peftpick.recommender.quality import overlapping
+    from peftpick.recommender.uncertainty import overlapping
 
     top = [r for r in rec.ranked[:TOP_COMPARED] if r.quality is not None and not r.flags]
     if not top:
