@@ -3,6 +3,8 @@ before anything is traced)."""
 
 from __future__ import annotations
 
+import functools
+
 # liger-kernel 0.8.5 transformers/monkey_patch.py MODEL_TYPE_TO_APPLY_LIGER_FN, used when liger is not installed
 LIGER_MODEL_TYPES_0_8_5 = frozenset({
     "deepseek_v2", "deepseek_v3", "deepseek_v4", "exaone4", "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text",
@@ -19,7 +21,6 @@ def liger_model_types() -> tuple[frozenset[str], str]:
     """Model types Liger patches, and where the list comes from: the installed package's
     MODEL_TYPE_TO_APPLY_LIGER_FN, read from its source file (importing it pulls in Triton, about 8 s), or the
     0.8.5 list when liger-kernel is not installed."""
-    import ast
     import importlib.util
     from importlib.metadata import PackageNotFoundError, version
     from pathlib import Path
@@ -32,13 +33,28 @@ def liger_model_types() -> tuple[frozenset[str], str]:
     if spec is not None and spec.submodule_search_locations:
         source = Path(next(iter(spec.submodule_search_locations))) / "transformers" / "monkey_patch.py"
         try:
-            tree = ast.parse(source.read_text())
-        except (OSError, SyntaxError):
-            tree = None
-        for node in ast.walk(tree) if tree is not None else ():
-            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
-            if (isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict)
-                    and any(getattr(t, "id", None) == "MODEL_TYPE_TO_APPLY_LIGER_FN" for t in targets)):
-                keys = {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
-                return frozenset(keys), f"liger-kernel {installed} (installed)"
+            keys = _types_in_source(str(source), source.stat().st_mtime_ns)
+        except OSError:
+            keys = None
+        if keys is not None:
+            return keys, f"liger-kernel {installed} (installed)"
     return LIGER_MODEL_TYPES_0_8_5, "liger-kernel 0.8.5 monkey_patch.py (not installed)"
+
+
+@functools.lru_cache(maxsize=4)
+def _types_in_source(path: str, _modified_ns: int) -> frozenset[str] | None:
+    """The keys of MODEL_TYPE_TO_APPLY_LIGER_FN in the file at `path` (None: not found). Parsing it takes about
+    70 ms and every estimate asks, so the answer is kept per file and modification time."""
+    import ast
+    from pathlib import Path
+
+    try:
+        tree = ast.parse(Path(path).read_text())
+    except (OSError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if (isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict)
+                and any(getattr(t, "id", None) == "MODEL_TYPE_TO_APPLY_LIGER_FN" for t in targets)):
+            return frozenset(k.value for k in node.value.keys if isinstance(k, ast.Constant))
+    return None

@@ -130,18 +130,27 @@ def recommend(
 
     kb = kb or KnowledgeBase.load()
     # with workers, the quality models are fitted and asked in a child, beside the torch import and the planning
-    with ForkedService(_quality_models, kb, True, fork=(workers or 1) > 1) as quality_models, \
+    with ForkedService(_quality_models, kb, _likely_benchmark(request), fork=(workers or 1) > 1) as quality_models, \
             WorkerPool(workers or 1) as pool, _estimate_cache(cache) as estimates:
         return _recommend(request, model, methods, kb, progress, pool, probing, estimates, quality_models)
 
 
-def _quality_models(kb, prefit: bool = False):
-    """The quality models (recommender.quality.QualityModels); `prefit`: every workload's benchmark at once, since
-    which one a model needs is known only once it is resolved."""
+def _quality_models(kb, prefit: str | None = None):
+    """The quality models (recommender.quality.QualityModels), `prefit`: that benchmark's fitted at once (the forked
+    child fits it while this process imports torch), the others when first asked."""
     from peftpick.recommender.quality import QualityModels
+
+    return QualityModels(kb, [prefit] if prefit else ())
+
+
+def _likely_benchmark(request: Request) -> str:
+    """The benchmark the model will need, guessed before it is resolved: the workload of the serving stack asked
+    for, else a language model's (a wrong guess costs one more fit when first asked)."""
     from peftpick.workloads import WORKLOADS
 
-    return QualityModels(kb, [spec.benchmark for spec in WORKLOADS.values()] if prefit else ())
+    serve = request.serve if request.serve not in (None, Serve.NONE) else None
+    return next((spec.benchmark for spec in WORKLOADS.values() if serve is not None and spec.accepts(serve)),
+                CAUSAL_LM.benchmark)
 
 
 @contextlib.contextmanager
@@ -542,8 +551,9 @@ def _memory_exclusion(candidate: Candidate, plan, request: Request) -> Exclusion
     if plan.estimate.source.startswith("lower bound"):
         return Exclusion(
             candidate.method, candidate.display_name, "memory",
-            f"{candidate.display_name}: needs more than {need:.1f} GiB whatever the micro-batch (its weights and "
-            f"gradients alone, not traced), more than {request.vram_gib:g} GiB; use a larger GPU or an adapter",
+            f"{candidate.display_name}: needs more than {need:.1f} GiB whatever the micro-batch (its "
+            f"{plan.estimate.source.removeprefix('lower bound: ').removesuffix(', not traced')} alone, not traced), more than {request.vram_gib:g} GiB; use a "
+            "larger GPU or an adapter",
         )
     upcast = plan.estimate.breakdown.get("fp32 upcasts", 0)
     trl_hint = (f"; or --trainer trl: PEFT's prepare_model_for_kbit_training holds {upcast / GIB:.1f} GiB of float32 "

@@ -19,10 +19,11 @@ from typing import Any
 _RESULT, _RAISED = "result", "raised"
 
 
-def _serve(connection, factory: Callable[..., Any], args: tuple) -> None:
+def _serve(connection, parent_end, factory: Callable[..., Any], args: tuple) -> None:
     """The child: build the object, then answer (method, args) calls until the parent closes its end."""
     import signal
 
+    parent_end.close()  # this copy of the parent's end, inherited by the fork, would keep the pipe open forever
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends this child
     try:
         target = factory(*args)
@@ -60,7 +61,8 @@ class ForkedService:
 
             context = multiprocessing.get_context("fork")
             self._connection, child_end = context.Pipe()
-            self._process = context.Process(target=_serve, args=(child_end, factory, args), daemon=True)
+            self._process = context.Process(target=_serve, args=(child_end, self._connection, factory, args),
+                                            daemon=True)
             self._process.start()
             child_end.close()
 

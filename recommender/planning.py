@@ -192,30 +192,45 @@ class Planner:
         return _may_fit(held + EIGHT_BIT_STATE_BYTES * estimate.trainable_params, self.vram_gib)
 
     def _hopeless_full_fine_tuning(self, candidate: Candidate) -> TrainingPlan | None:
-        """Full fine-tuning whose weights and gradients alone (two bytes each per parameter in bf16) exceed the
-        VRAM: no micro-batch or checkpointing can change that, so it is not traced; the plan carries that lower
-        bound, marked as one."""
+        """Full fine-tuning whose weights, gradients and the least optimizer state it could train with alone exceed
+        the VRAM: no micro-batch, checkpointing or optimizer lever can change that, so it is not traced; the plan
+        carries that lower bound, marked as one."""
         if candidate.peft_config_class is not None or self.gpus > 1:  # sharding divides the bound
             return None
         from peftpick.workloads import workload_of
 
         parameters = int(workload_of(self.arch).hook("count_parameters")(self.arch))
         width = _DTYPE_BYTES.get(str(self._base_shape.dtype).removeprefix("torch."), 4)
-        bound = 2 * parameters * width
+        state, state_words = self._least_state_bytes(candidate, width)
+        bound = int(parameters * (2 * width + state))
         if _may_fit(bound, self.vram_gib):
             return None
         shape = self._shape(candidate, 1, can_checkpoint(candidate))
+        held = f"weights, gradients and {state_words}" if state else "weights and gradients"
         estimate = MemoryEstimate(
             peak_allocated_bytes=bound, peak_reserved_bytes=bound,
-            breakdown={"weights": parameters * width, "grads": parameters * width},
+            breakdown={"weights": parameters * width, "grads": parameters * width,
+                       **({"optimizer": int(parameters * state)} if state else {})},
             trainable_params=parameters, total_params=parameters, shape=shape,
             adapter_file_bytes=parameters * width,
-            assumptions=(f"not traced: the {parameters:,} weights and their gradients in {shape.dtype} alone take "
-                         f"{bound / GIB:.1f} GiB, more than the {self.vram_gib:g} GiB GPU; optimizer state and "
-                         "activations come on top",),
-            source="lower bound: weights + gradients, not traced",
+            assumptions=(f"not traced: the {parameters:,} weights, their gradients in {shape.dtype}"
+                         + (f" and {state_words} ({state:g} bytes per weight)" if state else "")
+                         + f" alone take {bound / GIB:.1f} GiB, more than the {self.vram_gib:g} GiB GPU; "
+                         + ("activations" if state else "optimizer state and activations") + " come on top",),
+            source=f"lower bound: {held}, not traced",
         )
         return TrainingPlan(1, shape.gradient_accumulation, shape.gradient_checkpointing, estimate, "does not fit")
+
+    def _least_state_bytes(self, candidate: Candidate, width: int) -> tuple[float, str]:
+        """GPU bytes per weight of optimizer state the least of the optimizers this plan may use keeps, and its
+        words: torch's AdamW two moments like the weights, SGD one momentum buffer, 8-bit AdamW (also the lever's)
+        two bytes; a paged optimizer can move its state off the GPU and Adafactor factors it, so those bound
+        nothing."""
+        optimizer = self.optimizer_of(candidate)
+        if optimizer == "adamw" and self._optimizer_lever:
+            optimizer = EIGHT_BIT_ADAMW
+        return {"adamw": (2 * width, "AdamW's two moments"), "sgd": (width, "SGD's momentum"),
+                EIGHT_BIT_ADAMW: (EIGHT_BIT_STATE_BYTES, "8-bit AdamW's two moments")}.get(optimizer, (0, ""))
 
     def _choose_loss(self, candidates, pool, progress) -> None:
         """With the lever: when plain LoRA at the requested batch without checkpointing does not fit with the

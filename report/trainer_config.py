@@ -7,6 +7,7 @@ checkpointing, learning rate, precision, optimizer, loss kernel); anything the c
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from peftpick.errors import PeftpickError
@@ -29,9 +30,18 @@ def checkpointing_argument() -> str:
     spec = importlib.util.find_spec("transformers")
     source = Path(spec.origin).with_name("training_args.py") if spec and spec.origin else None
     try:
-        text = source.read_text(encoding="utf-8") if source else ""
+        return _checkpointing_field(str(source), source.stat().st_mtime_ns) if source else "gradient_checkpointing"
     except OSError:
-        text = ""
+        return "gradient_checkpointing"
+
+
+@functools.lru_cache(maxsize=4)
+def _checkpointing_field(path: str, _modified_ns: int) -> str:
+    """The field `path` (training_args.py, ~100 KB) declares; kept per file and modification time, since every
+    rendered snippet asks."""
+    from pathlib import Path
+
+    text = Path(path).read_text(encoding="utf-8")
     return "activation_checkpointing" if "\n    activation_checkpointing:" in text else "gradient_checkpointing"
 
 

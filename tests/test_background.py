@@ -48,12 +48,17 @@ def test_a_forked_service_answers_in_the_child_and_raises_what_the_object_raises
             os.kill(child, signal.SIGKILL)  # a dead child: the object is built here and answers the same
             os.waitpid(child, 0)
             after, here = service.call("add", 2), service.call("pid")
+        service = ForkedService(Sums, 1)
+        service.call("add", 1)
+        process = service._process
+        service.close()  # the child leaves on its own when the parent closes its end: not terminated after a wait
         print(json.dumps({"forked": forked, "answer": answer, "child": child, "parent": os.getpid(),
-                          "raised": raised, "after": after, "here": here}))
+                          "raised": raised, "after": after, "here": here, "exitcode": process.exitcode}))
     """)
     assert out["forked"] and out["answer"] == 42 == out["after"]
     assert out["child"] != out["parent"] and out["here"] == out["parent"]
     assert out["raised"] == "'no such benchmark'"
+    assert out["exitcode"] == 0
 
 
 def test_no_fork_once_torch_is_imported():

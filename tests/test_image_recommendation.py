@@ -166,8 +166,8 @@ def test_report_and_json_for_an_image_model(stand_in):
 
 
 def test_full_fine_tuning_that_cannot_fit_is_not_traced(monkeypatch):
-    """FLUX.2-klein-4B's 3.88 B bf16 weights and gradients alone are 14.4 GiB: on 12 GiB full fine-tuning is
-    excluded from that lower bound without an estimate; on 40 GiB it is estimated as before."""
+    """FLUX.2-klein-4B's 3.88 B bf16 weights, gradients and 8-bit AdamW's two moments alone are 21.7 GiB: on 12 GiB
+    full fine-tuning is excluded from that lower bound without an estimate; on 40 GiB it is estimated as before."""
     import peftpick.estimator.diffusion as diffusion
 
     traced = []
@@ -181,7 +181,8 @@ def test_full_fine_tuning_that_cannot_fit_is_not_traced(monkeypatch):
     assert traced and not any(traced)
     full = next(e for e in rec.excluded if e.method == "full")
     assert full.constraint == "memory"
-    assert "needs more than 15.0 GiB whatever the micro-batch (its weights and gradients alone, not traced)" \
+    assert ("needs more than 22.3 GiB whatever the micro-batch (its weights, gradients and 8-bit AdamW's two moments "
+            "alone, not traced)") \
         in full.reason
     traced.clear()
     peftpick.recommend("flux.2-klein-4b", vram_gb=40, serve="diffusers", probe=False, methods=["lora", "full"])

@@ -42,6 +42,22 @@ def test_liger_model_types_are_the_installed_packages():
     assert "llama" in types and "gpt2" not in types
 
 
+def test_liger_source_is_parsed_once_per_file_version(tmp_path):
+    from peftpick.estimator.liger_models import _types_in_source
+
+    source = tmp_path / "monkey_patch.py"
+    source.write_text('MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": f, "qwen2": g}\n')
+    first = _types_in_source(str(source), source.stat().st_mtime_ns)
+    hits = _types_in_source.cache_info().hits
+    assert _types_in_source(str(source), source.stat().st_mtime_ns) == first == {"llama", "qwen2"}
+    assert _types_in_source.cache_info().hits == hits + 1  # asked again: not parsed again
+    source.write_text('MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": f}\n')
+    import os
+
+    os.utime(source, ns=(0, source.stat().st_mtime_ns + 1_000_000_000))  # a changed file is read again
+    assert _types_in_source(str(source), source.stat().st_mtime_ns) == {"llama"}
+
+
 def test_fused_losses_never_hold_the_full_logits():
     stock, liger, chunked = run(), run(loss="liger"), run(loss="chunked")
     logits = stock.breakdown["logits/loss"]

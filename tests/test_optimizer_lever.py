@@ -94,20 +94,10 @@ def test_bad_optimizer_is_one_line_with_exit_code_2(value, words):
     assert words in result.output and "Traceback" not in result.output
 
 
-def test_8bit_adamw_is_not_traced_where_weights_gradients_and_8bit_state_alone_cannot_fit(needs):
-    """Weights + gradients (2 + 2 bytes per bf16 weight) + 8-bit state (2 bytes) exceed the VRAM, while the
-    weaker bound (AdamW's peak less its optimizer part) still fits: no 8-bit setting is estimated."""
-    est = estimate(MODEL, "full", batch_size=1, seq_len=SHAPE["seq_len"], gradient_checkpointing=True)
-    params = est.trainable_params
-    held_gib = (4 * params + CONTEXT_RESERVE_BYTES) / GIB
-    lower = (est.peak_reserved_bytes - est.breakdown["optimizer"] + CONTEXT_RESERVE_BYTES) / GIB
-    assert lower < held_gib + 2 * params / GIB  # the case the new bound catches exists
-    vram = (held_gib + 1.5 * params / GIB) if lower <= held_gib + 1.5 * params / GIB else None
-    if vram is None:
-        pytest.skip("no VRAM separates the two bounds for this model")
-    estimated = []
+def _traced_optimizers(vram: float, **kwargs) -> tuple[list[str], object]:
     from peftpick.recommender import planning
 
+    estimated: list[str] = []
     original = planning._default_estimator
 
     def counting(arch, config, shape):
@@ -116,6 +106,28 @@ def test_8bit_adamw_is_not_traced_where_weights_gradients_and_8bit_state_alone_c
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(planning, "_default_estimator", counting)
-        rec = peftpick.recommend(MODEL, vram, "vllm", methods=["full"], workers=1, **SHAPE)
-    assert estimated and "adamw-8bit" not in estimated
-    assert not rec.ranked
+        rec = peftpick.recommend(MODEL, vram, "vllm", methods=["full"], workers=1, **SHAPE, **kwargs)
+    return estimated, rec
+
+
+def test_full_fine_tuning_is_not_traced_where_weights_gradients_and_the_least_optimizer_state_cannot_fit():
+    """Weights + gradients (2 + 2 bytes per bf16 weight) + the state of the least optimizer the plan may use
+    (8-bit AdamW with the lever: 2 bytes; a fixed AdamW: two bf16 moments, 4 bytes) exceed the VRAM: nothing is
+    traced. Adafactor bounds nothing beyond weights and gradients, so at the same VRAM it is traced."""
+    from peftpick.workloads import workload_of
+    from peftpick.knowledge.architectures import resolve_model
+
+    params = int(workload_of(resolve_model(MODEL)).hook("count_parameters")(resolve_model(MODEL)))
+    def vram(bytes_per_weight: float) -> float:
+        return (bytes_per_weight * params + CONTEXT_RESERVE_BYTES) / GIB
+
+    between = vram(5)  # above weights + gradients, below them + 8-bit state
+    estimated, rec = _traced_optimizers(between)
+    assert estimated == [] and not rec.ranked
+    reason = next(e.reason for e in rec.excluded if e.method == "full")
+    assert "weights, gradients and 8-bit AdamW's two moments alone, not traced" in reason
+    assert f"needs more than {vram(6):.1f} GiB" in reason
+    estimated, _ = _traced_optimizers(vram(7), optimizer="adamw")  # below 2 + 2 + 4 bytes
+    assert estimated == []
+    estimated, _ = _traced_optimizers(between, optimizer="adafactor")
+    assert estimated and set(estimated) == {"adafactor"}
