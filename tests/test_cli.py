@@ -354,3 +354,33 @@ def test_seq_len_beyond_the_context_length_is_refused(runner: CliRunner):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, result.output
         assert "--seq-len 100000 is beyond the context length of smollm2-135m (8,192 tokens" in result.output
+
+
+def test_the_script_exits_with_the_commands_code_after_its_exit_handlers_and_flushed_output(tmp_path):
+    """`main` skips the interpreter's teardown (os._exit) but not what a normal exit does: the exit handlers run,
+    both streams are flushed, and the exit code is the command's (0, 2 for bad input, 1 for sys.exit("text"))."""
+    import subprocess
+    import sys
+    import textwrap
+
+    def run(argv: list[str], before: str = "") -> subprocess.CompletedProcess:
+        script = textwrap.dedent(f"""
+            import atexit, sys
+            from peftpick import cli
+            atexit.register(lambda: sys.stdout.write("exit handler ran\\n"))
+            {before}
+            sys.argv = ["peftpick", *{argv!r}]
+            cli.main()
+            print("never reached")
+        """)
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+    listed = run(["models"])
+    assert listed.returncode == 0, listed.stderr
+    assert "bundled models" in listed.stdout and listed.stdout.rstrip().endswith("exit handler ran")
+    assert "never reached" not in listed.stdout
+    bad = run(["--model", "no-such-model", "--vram", "16"])
+    assert bad.returncode == 2 and "unknown model 'no-such-model'" in bad.stderr and "Traceback" not in bad.stderr
+    assert "exit handler ran" in bad.stdout
+    text = run(["models"], before="cli.app = lambda: sys.exit('stopped: a message')")
+    assert text.returncode == 1 and "stopped: a message" in text.stderr
