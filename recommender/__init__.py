@@ -242,6 +242,7 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
     lora_speeds = _benchmark_speeds(kb, workload.benchmark)
     drifts = _benchmark_drifts(kb, workload.benchmark)
     full_model_bytes = _full_model_bytes(arch)
+    listed_modules = tuple(workload.hook("layer_modules")(arch))  # made once, here, where torch is loaded
 
     def assess(candidate: Candidate, plan: TrainingPlan, probe: ProbeResult | None = None,
                reference: ProbeResult | None = None, use_losses: bool = False) -> Assessed:
@@ -250,7 +251,7 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
         reference_losses = (list(reference.losses) if losses is not None and reference is not None
                             and reference.status == "ok" else None)
         quality = quality_models.call("assess", workload.benchmark, candidate, arch, estimate.trainable_params or None,
-                                      estimate.total_params or None, losses, reference_losses)
+                                      estimate.total_params or None, losses, reference_losses, listed_modules)
         speed, speed_source, measured = _speed(candidate, probe, reference, lora_speeds)
         return Assessed(candidate, plan, serving(candidate),
                         _evidence(candidate, kb, workload.benchmark), quality, speed, speed_source, full_model_bytes,

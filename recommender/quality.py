@@ -143,7 +143,8 @@ def features_of_run(row: Mapping[str, Any] | pd.Series,
 
 def features_of_candidate(candidate: Candidate, arch: Architecture, trainable_params: int | None,
                           total_params: int | None, probe_losses: Sequence[float] | None = None,
-                          reference_losses: Sequence[float] | None = None) -> Features:
+                          reference_losses: Sequence[float] | None = None,
+                          listed_modules: Sequence[Any] | None = None) -> Features:
     """Features of a catalogue candidate for `arch`, comparable with `features_of_run`.
 
     trainable_params / total_params: as the memory estimate or a probe counts them (every parameter with
@@ -151,9 +152,11 @@ def features_of_candidate(candidate: Candidate, arch: Architecture, trainable_pa
         benchmark counts only what its optimizer updates. None: the budget feature is NaN (full fine-tuning: 0).
     probe_losses / reference_losses: per-step losses of this candidate's probe and of plain LoRA's probe on the same
         data, steps and setting; both are needed for the early-signal features (NaN otherwise).
+    listed_modules: the workload's `layer_modules` listing of `arch`, when the caller has it (a denoiser's is
+        built from its diffusers class, which a process without torch and diffusers would have to import).
     """
     family = family_of(candidate.peft_type)
-    layer_modules = _decoder_layer_modules(arch)
+    layer_modules = _decoder_layer_modules(arch, listed_modules)
     arch_roles = {role for module in layer_modules for role in module.roles} or set(LAYER_ROLES)
     targeted_modules = _targeted_modules(candidate, layer_modules)
     if family == "full":
@@ -256,13 +259,16 @@ _DENOISER_LAYER_ROLES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 })
 
 
-def _decoder_layer_modules(arch: Architecture):
-    """The layers of `arch` a method can target, their roles in the benchmark runs' terms (LAYER_ROLES)."""
+def _decoder_layer_modules(arch: Architecture, listed: Sequence[Any] | None = None):
+    """The layers of `arch` a method can target, their roles in the benchmark runs' terms (LAYER_ROLES);
+    `listed`: the workload's listing of them, when already made."""
     import dataclasses
 
     from peftpick.workloads import workload_of
 
-    modules = [module for module in workload_of(arch).hook("layer_modules")(arch) if module.targetable]
+    if listed is None:
+        listed = workload_of(arch).hook("layer_modules")(arch)
+    modules = [module for module in listed if module.targetable]
     if arch.denoiser is None:
         return tuple(modules)
     return tuple(dataclasses.replace(module, roles=tuple(dict.fromkeys(
@@ -503,7 +509,8 @@ class QualityAssessor:
 
     def assess(self, candidate: Candidate, arch: Architecture, trainable_params: int | None,
                total_params: int | None, probe_losses: Sequence[float] | None = None,
-               reference_losses: Sequence[float] | None = None) -> QualityPrediction:
+               reference_losses: Sequence[float] | None = None,
+               listed_modules: Sequence[Any] | None = None) -> QualityPrediction:
         """The candidate's expected quality.
 
         trainable_params / total_params: as for `features_of_candidate`; needed unless the candidate is its
@@ -515,7 +522,7 @@ class QualityAssessor:
         model = self.static_model
         non_learning = _learning_verdict(probe_losses)
         prior = _prior_words(arch, model)
-        run = matching_run(candidate, arch, model.runs_)
+        run = matching_run(candidate, arch, model.runs_, listed_modules)
         if run is not None:
             low, high = measurement_interval(run, model.reference_score_, model.interval)
             probe_words = "; the probe was used only to check that the loss falls" if probe_losses is not None else ""
@@ -532,7 +539,7 @@ class QualityAssessor:
                 source="benchmark run", level=model.interval, non_learning=non_learning,
             )
         features = features_of_candidate(candidate, arch, trainable_params, total_params, probe_losses,
-                                         reference_losses)
+                                         reference_losses, listed_modules)
         _, missing_probe = probe_features(probe_losses, reference_losses)
         used_probe = missing_probe is None
         if used_probe:
@@ -549,9 +556,10 @@ class QualityAssessor:
         )
 
 
-def matching_run(candidate: Candidate, arch: Architecture, runs: pd.DataFrame) -> pd.Series | None:
+def matching_run(candidate: Candidate, arch: Architecture, runs: pd.DataFrame,
+                 listed_modules: Sequence[Any] | None = None) -> pd.Series | None:
     """The benchmark run the candidate's settings equal (type, targeted roles, rank-like settings, learning rate,
-    optimizer), or None when it has none or differs from it."""
+    optimizer), or None when it has none or differs from it. listed_modules: as for `features_of_candidate`."""
     if candidate.benchmark_run is None:
         return None
     match = runs[runs["experiment"] == candidate.benchmark_run]
@@ -565,7 +573,7 @@ def matching_run(candidate: Candidate, arch: Architecture, runs: pd.DataFrame) -
     if str(run["optimizer"]).strip().lower().replace("lorafa", "lora-fa") != candidate.optimizer:
         return None
     of_run = features_of_run(run)
-    of_candidate = features_of_candidate(candidate, arch, None, None)
+    of_candidate = features_of_candidate(candidate, arch, None, None, listed_modules=listed_modules)
     if any(of_run[name] != of_candidate[name] for name in ("family", "role_share", "targets_mlp")):
         return None
     stored = _stored_config(run)

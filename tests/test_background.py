@@ -98,3 +98,28 @@ def test_the_command_line_never_imports_scikit_learn_gives_the_same_figures_and_
                                   "used_probe": False, "non_learning": None, "basis": r.quality.basis}
                        for r in here.ranked}
     assert len(figures) == 5
+
+
+def test_quality_figures_take_the_callers_layer_listing_so_the_child_never_builds_a_denoiser(monkeypatch):
+    """A denoiser's layer listing is built from its diffusers class: the child, forked before torch, would import
+    torch and diffusers for it (about 7 s). The recommender hands the listing over; the figures are the same."""
+    import peftpick.knowledge.denoiser_targets as targets
+    from peftpick.knowledge import KnowledgeBase
+    from peftpick.recommender.quality import QualityModels
+    from peftpick.workloads import workload_of
+
+    rec = peftpick.recommend("flux.2-klein-4b", 12, "comfyui", probe=False, methods=["lora", "oft", "lokr"], workers=1)
+    arch = rec.architecture
+    listed = tuple(workload_of(arch).hook("layer_modules")(arch))
+    models = QualityModels(KnowledgeBase.load(), ["image-gen"])
+    rows = [(r.candidate, arch, r.estimate.trainable_params or None, r.estimate.total_params or None)
+            for r in rec.ranked]
+    built_here = [models.assess("image-gen", *row) for row in rows]
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the denoiser was built again")
+
+    monkeypatch.setattr(targets, "denoiser_layer_modules", refuse)
+    handed = [models.assess("image-gen", *row, None, None, listed) for row in rows]
+    assert handed == built_here and len(handed) == 3
+    assert [r.quality for r in rec.ranked] == handed
