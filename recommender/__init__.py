@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftpick.errors import PeftpickError
-from peftpick.recommender.planning import CONTEXT_RESERVE_BYTES, FIT_HEADROOM, Planner, WorkerPool, fit_of
+from peftpick.recommender.planning import (
+    CONTEXT_RESERVE_BYTES,
+    FIT_HEADROOM,
+    Planner,
+    WorkerPool,
+    fit_of,
+    lower_bound_held,
+)
 from peftpick.recommender.ranking import CHECKPOINTING_SLOWDOWN, GOAL_WEIGHTS, Assessed, quality_of, rank, speed_of
 from peftpick.recommender.request import deepspeed_installed, strategies_for, validate_for_model, validate_request
 from peftpick.types import (
@@ -178,15 +185,12 @@ class ProbeRequest:
 
 
 def _recommend(request: Request, model: Any, methods, kb, progress, pool: WorkerPool,
-               probing: ProbeRequest = ProbeRequest(False), estimates: Any = None,
-               quality_models: Any = None) -> Recommendation:
-    from peftpick.knowledge import KnowledgeBase
+               probing: ProbeRequest, estimates: Any, quality_models: Any) -> Recommendation:
+    """`quality_models`: a recommender.background.ForkedService of `_quality_models`."""
     from peftpick.knowledge.architectures import resolve_model, with_facts
     from peftpick.methods import candidates_for
-    from peftpick.recommender.background import ForkedService
 
     say = progress or (lambda _message: None)
-    kb = kb or KnowledgeBase.load()
     say(f"resolving {request.model}")
     if estimates is not None:  # bundled names resolve without transformers once resolved before
         kb = dataclasses.replace(kb, architectures=kb.architectures.with_cache(estimates.architectures))
@@ -237,8 +241,7 @@ def _recommend(request: Request, model: Any, methods, kb, progress, pool: Worker
         else:
             kept.append((candidate, plan))
 
-    say("fitting the quality model to the benchmark runs")
-    quality_models = quality_models or ForkedService(_quality_models, kb, fork=False)
+    say("assessing expected quality against the benchmark runs")
     lora_speeds = _benchmark_speeds(kb, workload.benchmark)
     drifts = _benchmark_drifts(kb, workload.benchmark)
     full_model_bytes = _full_model_bytes(arch)
@@ -549,12 +552,12 @@ def _shrink_hint(request: Request) -> str:
 
 def _memory_exclusion(candidate: Candidate, plan, request: Request) -> Exclusion:
     need = (plan.estimate.peak_reserved_bytes + CONTEXT_RESERVE_BYTES) / GIB
-    if plan.estimate.source.startswith("lower bound"):
+    held = lower_bound_held(plan.estimate)
+    if held is not None:
         return Exclusion(
             candidate.method, candidate.display_name, "memory",
-            f"{candidate.display_name}: needs more than {need:.1f} GiB whatever the micro-batch (its "
-            f"{plan.estimate.source.removeprefix('lower bound: ').removesuffix(', not traced')} alone, not traced), more than {request.vram_gib:g} GiB; use a "
-            "larger GPU or an adapter",
+            f"{candidate.display_name}: needs more than {need:.1f} GiB whatever the micro-batch (its {held} alone, "
+            f"not traced), more than {request.vram_gib:g} GiB; use a larger GPU or an adapter",
         )
     upcast = plan.estimate.breakdown.get("fp32 upcasts", 0)
     trl_hint = (f"; or --trainer trl: PEFT's prepare_model_for_kbit_training holds {upcast / GIB:.1f} GiB of float32 "

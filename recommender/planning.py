@@ -185,11 +185,12 @@ class Planner:
         if not self._optimizer_lever or self.optimizer_of(candidate) != "adamw" or plan.fit != "does not fit":
             return False
         estimate = plan.estimate
-        if not _may_fit(estimate.peak_reserved_bytes - estimate.breakdown.get("optimizer", 0), self.vram_gib):
+        optimizer = estimate.breakdown.get("optimizer", 0)
+        if not _may_fit(estimate.peak_reserved_bytes - optimizer, self.vram_gib):
             return False
-        # 8-bit AdamW still keeps two one-byte states per trainable weight beside the weights and gradients
-        held = sum(estimate.breakdown.get(part, 0) for part in ("weights", "adapter", "grads"))
-        return _may_fit(held + EIGHT_BIT_STATE_BYTES * estimate.trainable_params, self.vram_gib)
+        # 8-bit AdamW still keeps its own state beside the weights and gradients
+        eight_bit_state = _state_bytes_per_weight(EIGHT_BIT_ADAMW, width=0)[0] * estimate.trainable_params
+        return _may_fit(_fixed_bytes(estimate) - optimizer + eight_bit_state, self.vram_gib)
 
     def _hopeless_full_fine_tuning(self, candidate: Candidate) -> TrainingPlan | None:
         """Full fine-tuning whose weights, gradients and the least optimizer state it could train with alone exceed
@@ -201,7 +202,10 @@ class Planner:
 
         parameters = int(workload_of(self.arch).hook("count_parameters")(self.arch))
         width = _DTYPE_BYTES.get(str(self._base_shape.dtype).removeprefix("torch."), 4)
-        state, state_words = self._least_state_bytes(candidate, width)
+        optimizer = self.optimizer_of(candidate)
+        if optimizer == "adamw" and self._optimizer_lever:
+            optimizer = EIGHT_BIT_ADAMW  # the least the lever could switch it to
+        state, state_words = _state_bytes_per_weight(optimizer, width)
         bound = int(parameters * (2 * width + state))
         if _may_fit(bound, self.vram_gib):
             return None
@@ -217,20 +221,9 @@ class Planner:
                          + (f" and {state_words} ({state:g} bytes per weight)" if state else "")
                          + f" alone take {bound / GIB:.1f} GiB, more than the {self.vram_gib:g} GiB GPU; "
                          + ("activations" if state else "optimizer state and activations") + " come on top",),
-            source=f"lower bound: {held}, not traced",
+            source=f"{LOWER_BOUND}{held}{NOT_TRACED}",
         )
         return TrainingPlan(1, shape.gradient_accumulation, shape.gradient_checkpointing, estimate, "does not fit")
-
-    def _least_state_bytes(self, candidate: Candidate, width: int) -> tuple[float, str]:
-        """GPU bytes per weight of optimizer state the least of the optimizers this plan may use keeps, and its
-        words: torch's AdamW two moments like the weights, SGD one momentum buffer, 8-bit AdamW (also the lever's)
-        two bytes; a paged optimizer can move its state off the GPU and Adafactor factors it, so those bound
-        nothing."""
-        optimizer = self.optimizer_of(candidate)
-        if optimizer == "adamw" and self._optimizer_lever:
-            optimizer = EIGHT_BIT_ADAMW
-        return {"adamw": (2 * width, "AdamW's two moments"), "sgd": (width, "SGD's momentum"),
-                EIGHT_BIT_ADAMW: (EIGHT_BIT_STATE_BYTES, "8-bit AdamW's two moments")}.get(optimizer, (0, ""))
 
     def _choose_loss(self, candidates, pool, progress) -> None:
         """With the lever: when plain LoRA at the requested batch without checkpointing does not fit with the
@@ -380,6 +373,24 @@ EIGHT_BIT_ADAMW = "adamw-8bit"
 # bitsandbytes' 8-bit AdamW: exp_avg and exp_avg_sq as uint8 per element (bitsandbytes/optim/optimizer.py
 # Optimizer2State.init_state); tensors under its min_8bit_size stay 32-bit, so this is a lower bound
 EIGHT_BIT_STATE_BYTES = 2
+
+
+def _state_bytes_per_weight(optimizer: str, width: int) -> tuple[float, str]:
+    """GPU bytes of optimizer state per trained weight of `width` bytes that `optimizer` keeps at least, and its
+    words: torch's AdamW two moments like the weights, SGD one momentum buffer, 8-bit AdamW two bytes; a paged
+    optimizer can move its state off the GPU and Adafactor factors it, so those bound nothing."""
+    return {"adamw": (2 * width, "AdamW's two moments"), "sgd": (width, "SGD's momentum"),
+            EIGHT_BIT_ADAMW: (EIGHT_BIT_STATE_BYTES, "8-bit AdamW's two moments")}.get(optimizer, (0, ""))
+
+
+# An estimate that is a lower bound, not a trace: its source reads LOWER_BOUND + what it holds + NOT_TRACED
+LOWER_BOUND, NOT_TRACED = "lower bound: ", ", not traced"
+
+
+def lower_bound_held(estimate: MemoryEstimate) -> str | None:
+    """What a lower-bound estimate holds ("weights, gradients and ..."), or None for a traced or measured one."""
+    source = estimate.source
+    return source.removeprefix(LOWER_BOUND).removesuffix(NOT_TRACED) if source.startswith(LOWER_BOUND) else None
 
 
 def _optimizer_saving(adamw: MemoryEstimate | None, eight_bit: MemoryEstimate) -> int | None:

@@ -41,7 +41,6 @@ from sklearn.ensemble import RandomForestRegressor
 
 from peftpick.knowledge.benchmarks import LORA_REFERENCE, parse_series
 from peftpick.probes.results import fit_loss_slope
-from peftpick.recommender.uncertainty import overlap_note, overlapping  # noqa: F401 - re-exported
 from peftpick.types import Architecture, Candidate, QualityPrediction
 
 if TYPE_CHECKING:

@@ -24,9 +24,8 @@ from peftpick.recommender.quality import (
     features_of_run,
     flag_non_learning,
     matching_run,
-    overlap_note,
-    overlapping,
 )
+from peftpick.recommender.uncertainty import overlap_note, overlapping
 
 BENCHMARK = "MetaMathQA"
 LORA_FA_TRAINABLE_AS_ESTIMATED = 9_175_040  # the estimator counts A and B; LoRA-FA's optimizer updates only B
