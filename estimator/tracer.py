@@ -46,8 +46,9 @@ _FOLDS = (_aten.any.default, _aten.any.dim, _aten.any.dims, _aten.logical_or.def
 # torch._prims), about 0.3 ms each, and a training step runs thousands of them. An operator that returns fresh
 # tensors (no alias, no mutated argument) gives outputs whose shapes, strides and dtypes follow from its inputs'
 # shapes, strides and dtypes and its plain arguments alone, so the first call's answer is remembered and later
-# calls build empty tensors of that layout. In-place operators return their first argument unchanged (on meta
-# they only check shapes). The tracer records the same storages in the same order either way. The cache lives
+# calls build empty tensors of that layout. In-place operators return their first argument unchanged, and
+# in-place operators on tensor lists (`_foreach_*_`, which return nothing) are skipped (on meta they only check
+# shapes). The tracer records the same storages in the same order either way. The cache lives
 # as long as the process: it holds layouts, never tensors.
 
 _UNCACHEABLE = object()
@@ -69,6 +70,8 @@ def _kind(func) -> str:
         name = func.overloadpacket.__name__
         if not mutates and not aliases and schema.returns and all(str(r.type).startswith("Tensor") for r in schema.returns):
             kind = "fresh"
+        elif mutates and name.startswith("_foreach") and name.endswith("_") and not schema.returns:
+            kind = "inplace list"
         elif (mutates and name.endswith("_") and name not in _RESHAPING and not name.startswith("_foreach")
               and len(schema.returns) == 1 and schema.returns[0].alias_info is not None
               and schema.arguments and schema.arguments[0].alias_info is not None
@@ -97,6 +100,8 @@ def run_operator(func, args, kwargs):
     kind = _kind(func)
     if kind == "inplace" and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
         return args[0]
+    if kind == "inplace list" and args[0] and isinstance(args[0][0], torch.Tensor) and args[0][0].device.type == "meta":
+        return None  # an optimizer's fused in-place update: on meta a per-tensor shape check in Python, nothing made
     if kind != "fresh":
         return func(*args, **kwargs)
     try:
@@ -147,6 +152,12 @@ class MetaValues(TorchDispatchMode):
     batch is full and unpadded, so "every token attended?" is yes), "is any value inf or nan?" (no: the outputs
     of those checks are remembered, so `isinf(w).any()` reads False), and `torch.nonzero` / `x[mask]` of masks
     whose count a method fixes (`nonzero_rows`)."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # nothing these modes run is compiled: leave __torch_dispatch__ without the wrapper that disables Dynamo
+        # in its frame (torch adds one to every subclass by default; it costs microseconds on every operator)
+        return False
 
     def __init__(self, nonzero_rows: Callable[[tuple[int, ...]], int] | None = None) -> None:
         super().__init__()
