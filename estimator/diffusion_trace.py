@@ -194,7 +194,8 @@ class _Program:
         self.batch = shape.batch_size
         self.tracker = FastStorageTracker(vocab_size=None, nonzero_rows=_shira_rows(peft_config))
         self.v: dict[str, Any] = {}  # the training loop's variables
-        self.plan, self.overrides = block_plan(arch, exact)  # [(list path, blocks in the model, blocks traced)]
+        traced = TRACED_BLOCKS if peft_config is not None else TRACED_BLOCKS_TRAINED_INPUTS
+        self.plan, self.overrides = block_plan(arch, exact, traced)  # [(list path, blocks in model, blocks traced)]
         self.lengthened = any(total > traced for _path, total, traced in self.plan)
         self.caches: dict[str, torch.Tensor] = {}
         self.workspaces = 0
@@ -347,13 +348,16 @@ class _Program:
                 unit += 1
 
     def shares_across_blocks(self) -> bool:
+        """Whether several blocks train one tensor. Frozen shared tensors (VeRA's and RandLoRA's random bases)
+        are made once, outside the blocks' steps, and lengthen like the weights (the same peaks as a trace of
+        every block); a trained one gets gradients and optimizer state that no single block's copy holds."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         seen: dict[int, int] = {}
         index = 0
         for path, _total, _traced in self.plan:
             for block in base.get_submodule(path):
-                for t in list(block.parameters()) + list(block.buffers()):
-                    if seen.setdefault(id(t), index) != index:
+                for t in block.parameters():
+                    if t.requires_grad and seen.setdefault(id(t), index) != index:
                         return True
                 index += 1
         return False
@@ -550,9 +554,25 @@ class _Program:
                               lr=self.program.learning_rate, weight_decay=self.program.weight_decay)
 
     # -- run ---------------------------------------------------------------------------------------
+    def repeat_steps(self, trace: Trace, traced: int) -> tuple[Trace, bool]:
+        """`trace` with copies of its last step up to the steps replayed (two windows of WINDOW_STEPS with
+        evaluations, else 5), and whether every copy could be made (synthesis.repeat_last_step)."""
+        from peftpick.estimator.synthesis import repeat_last_step
+
+        evaluations = self.program.evaluations
+        total_steps = 2 * WINDOW_STEPS if evaluations else 5
+        while traced < total_steps:
+            longer = repeat_last_step(trace, traced)
+            if longer is None:
+                return trace, False
+            trace = longer
+            traced += 1
+            if evaluations and traced == WINDOW_STEPS:
+                insert_markers(trace, len(trace.events), (EMPTY_CACHE, RESET_PEAK))
+        return trace, True
+
     def run(self) -> ProgramResult:
         from peftpick.estimator.diffusion import PARTS
-        from peftpick.estimator.synthesis import repeat_last_step
 
         self.build_model()
         if self.lengthened and self.shares_across_blocks():
@@ -586,19 +606,15 @@ class _Program:
                 self.step(index, optimizer, global_step)
             tr.set_phase("end")
             self.v.clear()
-        trace = tr.trace
-        traced = len(steps)
-        total_steps = 2 * WINDOW_STEPS if program.evaluations else 5
-        while traced < total_steps:
-            longer = repeat_last_step(trace, traced)
-            if longer is None:
-                break
-            trace = longer
-            traced += 1
-            if program.evaluations and traced == WINDOW_STEPS:
-                insert_markers(trace, len(trace.events), (EMPTY_CACHE, RESET_PEAK))
+        trace, traced = tr.trace, len(steps)
         if self.lengthened:
-            trace = self.lengthen(trace)
+            # lengthened first, the steps are copied cheaply (lengthening costs per event, and there are fewer);
+            # where the lengthened steps do not match storage by storage, they are copied as traced
+            trace, complete = self.repeat_steps(self.lengthen(trace), traced)
+            if not complete:
+                trace = self.lengthen(self.repeat_steps(tr.trace, traced)[0])
+        else:
+            trace = self.repeat_steps(trace, traced)[0]
         result = replay_windows(trace, PARTS)
         trainable, total, saved = self.counts()
         return ProgramResult(result.peak_allocated, result.peak_reserved, result.breakdown, trainable, total, saved,
@@ -610,6 +626,11 @@ class _Program:
 # ordinary blocks). Each family says which config entries build the shorter lists. SD3.5 Medium's blocks
 # are not uniform (dual-attention blocks first): it is traced whole.
 TRACED_BLOCKS = 3
+# With the embedders trained (full fine-tuning), every block's side inputs (timestep and text embeddings) need
+# gradients, summed block by block from the last block back; the last block starts that sum and allocates
+# differently, so the template's successor must be an ordinary block: one more is traced. (With three, a Wan
+# 2.1 1.3B full fine-tuning step left the copies' partial sums alive: 50.3 GiB estimated instead of 25.7.)
+TRACED_BLOCKS_TRAINED_INPUTS = 4
 
 
 def _length(config: dict, key: str) -> int:
@@ -618,12 +639,12 @@ def _length(config: dict, key: str) -> int:
 
 def _lists_by_key(*pairs: tuple[str, str]):
     """Block lists whose lengths are config entries ((module path, config key) pairs): the lists of a config,
-    and the overrides that build each at TRACED_BLOCKS."""
+    and the overrides that build each with `traced` blocks."""
     def lists(config):
         return [(path, _length(config, key)) for path, key in pairs]
 
-    def shrunk(config):
-        return {key: min(_length(config, key), TRACED_BLOCKS) for _path, key in pairs}
+    def shrunk(config, traced):
+        return {key: min(_length(config, key), traced) for _path, key in pairs}
 
     return lists, shrunk
 
@@ -652,10 +673,10 @@ def _unet_lists(config: dict) -> list[tuple[str, int]]:
     return lists
 
 
-def _shrunk_unet(config: dict) -> dict:
+def _shrunk_unet(config: dict, traced: int) -> dict:
     per_block = config.get("transformer_layers_per_block", 1)
     per_block = [per_block] * len(config.get("down_block_types", ())) if isinstance(per_block, int) else per_block
-    return {"transformer_layers_per_block": [min(int(n), TRACED_BLOCKS) for n in per_block]}
+    return {"transformer_layers_per_block": [min(int(n), traced) for n in per_block]}
 
 
 def _sd3_uniform(config: dict) -> list[tuple[str, int]]:
@@ -666,7 +687,7 @@ def _sd3_uniform(config: dict) -> list[tuple[str, int]]:
 
 
 _FLUX_LISTS = _lists_by_key(("transformer_blocks", "num_layers"), ("single_transformer_blocks", "num_single_layers"))
-# family -> (its block lists from the config, the config entries that build every list at TRACED_BLOCKS)
+# family -> (its block lists from the config, the config entries that build every list with `traced` blocks)
 _BLOCK_LISTS = {
     "flux2": _FLUX_LISTS,
     "flux": _FLUX_LISTS,
@@ -677,15 +698,16 @@ _BLOCK_LISTS = {
 }
 
 
-def block_plan(arch: Architecture, exact: bool) -> tuple[list[tuple[str, int, int]], dict]:
+def block_plan(arch: Architecture, exact: bool, traced: int = TRACED_BLOCKS) -> tuple[list[tuple[str, int, int]], dict]:
     """[(module path of a block list, blocks in the model, blocks traced)] in execution order, and the config
-    overrides that build the traced model (none when every block is traced)."""
-    lists_of, shrunk_of = _BLOCK_LISTS.get(arch.denoiser.family, (lambda _c: [], lambda _c: {}))
+    overrides that build the traced model (none when every block is traced). Lists longer than `traced` blocks
+    are traced with `traced`."""
+    lists_of, shrunk_of = _BLOCK_LISTS.get(arch.denoiser.family, (lambda _c: [], lambda _c, _t: {}))
     config = arch.config
     lists = [(path, total) for path, total in lists_of(config) if total > 0]
-    lengthen = not exact and any(total > TRACED_BLOCKS for _path, total in lists)
-    plan = [(path, total, min(total, TRACED_BLOCKS) if lengthen else total) for path, total in lists]
-    return plan, (shrunk_of(config) if lengthen else {})
+    lengthen = not exact and any(total > traced for _path, total in lists)
+    plan = [(path, total, min(total, traced) if lengthen else total) for path, total in lists]
+    return plan, (shrunk_of(config, traced) if lengthen else {})
 
 
 def _traced_steps(peft_config, program) -> list[int]:

@@ -101,6 +101,38 @@ class _BlockDiag(torch.autograd.Function):
         return grads.unbind(0)  # views of one buffer, as before; one op instead of one per block
 
 
+class _StackedBlockDiag(torch.autograd.Function):
+    """torch.block_diag(*torch.unbind(stacked)) (BOFT without its CUDA extension) as one op on `stacked`: the
+    dense output, and in backward the stacked blocks' gradient, the one buffer CUDA allocates there (block_diag's
+    backward slices the output gradient; unbind's stacks those slices). Autograd then never handles one gradient
+    per block, which costs a Python call per block per layer."""
+
+    @staticmethod
+    def forward(ctx, stacked):
+        ctx.stacked_shape = stacked.shape
+        count, rows, cols = stacked.shape
+        return stacked.new_empty((count * rows, count * cols))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_empty(ctx.stacked_shape)
+
+
+def _unbound_from(blocks) -> torch.Tensor | None:
+    """The tensor that `blocks` are torch.unbind(tensor) of, as (blocks, rows, cols), or None when they are not
+    all the consecutive dim-0 slices of one contiguous tensor."""
+    first = blocks[0]
+    base = first._base
+    if base is None or first.dim() != 2 or not base.is_contiguous() or base.numel() != len(blocks) * first.numel():
+        return None
+    size, offset = first.numel(), base.storage_offset()
+    for index, block in enumerate(blocks):
+        if (block._base is not base or block.shape != first.shape or not block.is_contiguous()
+                or block.storage_offset() != offset + index * size):
+            return None
+    return base.view(len(blocks), *first.shape)
+
+
 def fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     if not enable_gqa and key.shape[1] != query.shape[1]:
         raise ValueError("key/value heads differ from query heads without enable_gqa")
@@ -115,9 +147,12 @@ class KernelStandIns(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is _SDPA:
             return fused_sdpa(*args, **kwargs)
-        if func is torch.block_diag and len(args) > 8 and args[0].device.type == "meta" and \
-                len({tuple(a.shape) for a in args}) == 1:
-            return _BlockDiag.apply(*args)
+        if func is torch.block_diag and len(args) > 8 and args[0].device.type == "meta":
+            stacked = _unbound_from(args)
+            if stacked is not None:
+                return _StackedBlockDiag.apply(stacked)
+            if len({tuple(a.shape) for a in args}) == 1:
+                return _BlockDiag.apply(*args)
         if func is torch.sparse_coo_tensor and args and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
             indices, values = args[0], args[1]
             size = args[2] if len(args) > 2 else kwargs["size"]

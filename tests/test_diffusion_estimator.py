@@ -85,6 +85,30 @@ def test_lengthened_trace_matches_every_block():
     assert abs(short.peak_reserved_bytes - exact.peak_reserved_bytes) <= 0.02 * exact.peak_reserved_bytes
 
 
+@pytest.mark.parametrize("arch", [tiny_flux2, tiny_wan], ids=["flux2", "wan"])
+def test_full_fine_tuning_is_lengthened_exactly(arch):
+    # trained embedders give every block's side inputs gradients, summed from the last block back: the
+    # lengthened trace must free each copy's partial sums as a trace of every block does, step after step
+    shape = dataclasses.replace(SHAPE, gradient_checkpointing=True, resolution=128, frames=9 if arch is tiny_wan else None)
+    short = estimate_denoiser(arch(), None, shape)
+    exact = estimate_denoiser(arch(), None, shape, exact=True)
+    assert any("repeated" in note for note in short.assumptions)
+    assert (short.peak_allocated_bytes, short.peak_reserved_bytes) == (exact.peak_allocated_bytes,
+                                                                       exact.peak_reserved_bytes)
+
+
+def test_frozen_shared_tensors_are_lengthened_and_trained_ones_trace_every_block():
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj"]
+    shape = dataclasses.replace(SHAPE, gradient_checkpointing=True)
+    vera = peft.VeraConfig(r=8, target_modules=targets)  # one frozen random pair for every layer
+    short, exact = (estimate_denoiser(tiny_flux2(), vera, shape, exact=e) for e in (False, True))
+    assert any("repeated" in note for note in short.assumptions)
+    assert (short.peak_allocated_bytes, short.peak_reserved_bytes) == (exact.peak_allocated_bytes,
+                                                                       exact.peak_reserved_bytes)
+    bank = peft.VBLoRAConfig(r=4, num_vectors=16, vector_length=16, target_modules=targets)  # one trained bank
+    assert not any("repeated" in note for note in estimate_denoiser(tiny_flux2(), bank, shape).assumptions)
+
+
 TINY_UNET = dict(sample_size=32, in_channels=4, out_channels=4, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], block_out_channels=[32, 64], layers_per_block=1,
                  cross_attention_dim=32, attention_head_dim=[2, 4], use_linear_projection=True,

@@ -262,3 +262,65 @@ def test_boft_estimate_is_unchanged_by_the_vectorized_permutations(config):
     assert (fast.peak_allocated_bytes, fast.peak_reserved_bytes, fast.trainable_params) == \
         (slow.peak_allocated_bytes, slow.peak_reserved_bytes, slow.trainable_params)
     assert fast.breakdown == slow.breakdown
+
+
+def _traced(program):
+    """Events (kind, bytes) and the result of `program()` run on meta inside a StorageTracker."""
+    from peftpick.estimator.tracer import StorageTracker
+
+    tracker = StorageTracker()
+    with tracker:
+        result = program()
+    return [(kind, nbytes) for kind, _handle, nbytes, _unit in tracker.trace.events], result
+
+
+def test_skipping_in_place_list_updates_on_meta_changes_no_traced_event(monkeypatch):
+    # AdamW's foreach updates return nothing and make no storage; on meta their kernels only check shapes in
+    # Python, so the tracer skips them: the step's events must be the same as with the kernels run
+    import torch
+
+    from peftpick.estimator import tracer
+
+    def adamw_steps():
+        params = [torch.nn.Parameter(torch.empty(64, 32, device="meta")) for _ in range(6)]
+        optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.empty_like(p)
+            optimizer.step()
+        return optimizer
+
+    skipped, _ = _traced(adamw_steps)
+    assert any(kind == "inplace list" for kind in tracer._KIND.values())
+    monkeypatch.setattr(tracer, "_KIND", {})
+    real_kind = tracer._kind
+    monkeypatch.setattr(tracer, "_kind", lambda func: "other" if real_kind(func) == "inplace list" else real_kind(func))
+    run, _ = _traced(adamw_steps)
+    assert skipped == run and len(run) > 12
+
+
+def test_block_diag_of_unbound_blocks_allocates_what_cuda_does():
+    # torch.block_diag(*torch.unbind(x)) (BOFT without its CUDA extension): the dense output in forward and, in
+    # backward, block_diag's slices of the output gradient (views) stacked by unbind's backward into one buffer
+    import torch
+
+    from peftpick.estimator.kernels import KernelStandIns
+    from peftpick.estimator.tracer import ALLOC
+
+    blocks, size = 64, 4
+    base = torch.nn.Parameter(torch.empty(1, blocks, size, size, device="meta"))
+
+    def forward_backward():
+        with KernelStandIns():
+            rotated = base * 2
+            dense = torch.block_diag(*torch.unbind(rotated.squeeze(0)))
+            dense.sum().backward()
+        return dense
+
+    events, dense = _traced(forward_backward)
+    assert dense.shape == (blocks * size, blocks * size) and base.grad.shape == base.shape
+    allocated = [nbytes for kind, nbytes in events if kind == ALLOC]
+    stacked = blocks * size * size * 4
+    assert (blocks * size) ** 2 * 4 in allocated  # the dense output
+    assert allocated.count(stacked) == 3  # x * 2, the stacked gradient, and the parameter's gradient
+    assert size * size * 4 not in allocated  # nothing per block
