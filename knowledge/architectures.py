@@ -702,7 +702,7 @@ def resolve_model(spec: Any, registry: Registry | None = None, cache: Any = None
     # Diffusion denoisers (bundled names, diffusers folders) have their own registry; None: not a denoiser.
     from .denoisers import resolve_denoiser
 
-    denoiser = resolve_denoiser(text)
+    denoiser = resolve_denoiser(text, cache=cache if cache is not None else getattr(registry, "cache", None))
     if denoiser is not None:
         return denoiser
 

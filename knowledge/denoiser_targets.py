@@ -34,6 +34,7 @@ targets of the selected layers, so `layer.target in resolution.modules` picks th
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -183,6 +184,12 @@ def analysis_model(arch: Architecture) -> Any:
     return _model_of(arch, None)
 
 
+def layer_source(arch: Architecture) -> Any:
+    """What the functions below should read `arch`'s layers from, as their `model`: None where `arch.facts`
+    holds them (no build, no torch), else `analysis_model(arch)`."""
+    return None if _FACTS in arch.facts else analysis_model(arch)
+
+
 def _model_of(arch: Architecture, model: Any | None, full: bool = False) -> Any:
     if arch.denoiser is None:
         raise PeftpickError(f"{arch.name} is not a diffusion denoiser", "use knowledge.targets for causal LMs")
@@ -191,15 +198,51 @@ def _model_of(arch: Architecture, model: Any | None, full: bool = False) -> Any:
     return build_denoiser(arch) if full else build_denoiser(arch, num_layers=_ANALYSIS_LAYERS)
 
 
+# The layer tables `layer_facts` works out, as `Architecture.facts` keys: the analysis build's, and (only where
+# some layer can be named by nothing shorter than its path in each block) the full build's.
+_FACTS, _FULL_FACTS = "denoiser_layers", "denoiser_layers_full"
+
+
+def _table(model: Any) -> tuple[list[_Layer], dict[str, str]]:
+    layers = _layers(model)
+    return layers, _targets(model, layers)
+
+
+def _named_by_path(layers: Iterable[_Layer], names: dict[str, str]) -> bool:
+    return any(names[layer.path] == layer.path and _INDEX.search(layer.path) for layer in layers if layer.roles)
+
+
+def _layer_table(arch: Architecture, model: Any | None, full: bool = False) -> tuple[list[_Layer], dict[str, str]]:
+    """The layers and PEFT target names of `model`; else of `arch`'s analysis (or `full`) build, read from
+    `arch.facts` where they are there, built otherwise."""
+    if model is None and arch.denoiser is not None:
+        stored = arch.facts.get(_FULL_FACTS if full else _FACTS)
+        if stored is not None:
+            layers = [_Layer(**{**row, "roles": tuple(row["roles"])}) for row in stored["layers"]]
+            return layers, dict(stored["names"])
+    return _table(_model_of(arch, model, full=full))
+
+
+def layer_facts(arch: Architecture) -> dict[str, Any]:
+    """`arch`'s layer tables in the JSON form `Architecture.facts` keeps (knowledge.denoisers caches them with
+    the parameter count, so that a later run chooses targets without importing torch or diffusers)."""
+    def as_json(layers, names):
+        return {"layers": [dataclasses.asdict(layer) for layer in layers], "names": names}
+
+    layers, names = _table(analysis_model(arch))
+    facts = {_FACTS: as_json(layers, names)}
+    if _named_by_path(layers, names):
+        facts[_FULL_FACTS] = as_json(*_table(_model_of(arch, None, full=True)))
+    return facts
+
+
 def denoiser_layer_modules(arch: Architecture, model: Any | None = None) -> list[LinearModule]:
     """The targetable Linear / Conv2d layers of `arch` with their roles, one per distinct layer.
 
-    Built on the meta device (or read from `model`, the same denoiser built already). Layers that are never
-    targets (embedders, modulation, final projection) are not listed.
+    Read from `model` (the same denoiser built already), else from `arch.facts`, else from a meta build. Layers
+    that are never targets (embedders, modulation, final projection) are not listed.
     """
-    model = _model_of(arch, model)
-    layers = _layers(model)
-    names = _targets(model, layers)
+    layers, names = _layer_table(arch, model)
     seen: set[tuple[str, str, int, int]] = set()
     modules = []
     for layer in layers:
@@ -224,7 +267,8 @@ def resolve_denoiser_targets(arch: Architecture, roles: str | Iterable[str] = DE
     The defaults are the PEFT image suite's set; `include_conv` adds the UNet resnet convolutions. Roles the
     family lacks are noted (Wan has no fused projection), an unknown role or a selection with no layer is a
     PeftpickError. `model` skips the meta build when the caller has built the denoiser already (`shrunk`: it is
-    `analysis_model(arch)`, so the full model is built where a layer must be named by each block's path).
+    `analysis_model(arch)`, so the full model is built where a layer must be named by each block's path); without
+    it the layers come from `arch.facts` where they are there.
     """
     named = [roles] if isinstance(roles, str) else list(roles)
     unknown = [role for role in named if role not in DENOISER_ROLES]
@@ -235,17 +279,11 @@ def resolve_denoiser_targets(arch: Architecture, roles: str | Iterable[str] = DE
     requested = [*named, "conv"] if include_conv and "conv" not in named else named
     if not requested:
         raise PeftpickError("no denoiser target roles given", f"use some of {', '.join(DEFAULT_ROLES)}")
-    given = model
-    model = _model_of(arch, given)
-    layers = _layers(model)
-    names = _targets(model, layers)
+    layers, names = _layer_table(arch, model)
     chosen = [layer for layer in layers if set(layer.roles) & set(requested)]
-    if (given is None or shrunk) and any(names[layer.path] == layer.path and _INDEX.search(layer.path)
-                                         for layer in chosen):
+    if (model is None or shrunk) and _named_by_path(chosen, names):
         # some layer can only be named by its full path: list every block's
-        model = _model_of(arch, None, full=True)
-        layers = _layers(model)
-        names = _targets(model, layers)
+        layers, names = _layer_table(arch, None, full=True)
         chosen = [layer for layer in layers if set(layer.roles) & set(requested)]
     present = {role for layer in layers for role in layer.roles}
     if not chosen:

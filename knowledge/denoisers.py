@@ -440,12 +440,14 @@ def _resolve_local(path: Path, registry: Registry) -> Architecture | None:
     return None
 
 
-def resolve_denoiser(spec: Any, registry: Registry | None = None) -> Architecture | None:
+def resolve_denoiser(spec: Any, registry: Registry | None = None, cache: Any = None) -> Architecture | None:
     """Architecture of a diffusion denoiser, or None when `spec` names none (then it may be a causal LM).
 
     `spec`: a bundled name, alias or hub id (case and separators ignored), a diffusers pipeline folder (its
     model_index.json names the transformer/ or unet/ component), such a component folder, or its config.json.
     A local config takes its training facts from the bundled entry of the same class and shape keys.
+    `cache` (a disk_cache.JsonTable): a bundled entry's facts (parameter count, layer tables) are kept there, so
+    that a later run needs no meta build, and so neither torch nor diffusers, to choose targets.
     """
     if not isinstance(spec, (str, os.PathLike)):
         return None
@@ -457,7 +459,24 @@ def resolve_denoiser(spec: Any, registry: Registry | None = None) -> Architectur
     if path.exists():
         return _resolve_local(path, registry)
     entry = registry.lookup(text)
-    return architecture_from_entry(entry) if entry is not None else None
+    if entry is None:
+        return None
+    arch = architecture_from_entry(entry)
+    return _with_cached_facts(arch, entry, cache) if cache is not None else arch
+
+
+def _with_cached_facts(arch: Architecture, entry: DenoiserEntry, cache: Any) -> Architecture:
+    from .denoiser_targets import layer_facts
+
+    key, parts = cache.key({"denoiser entry": {"name": entry.name, "class": entry.diffusers_class,
+                                               "config": dict(entry.config), "dtype": entry.dtype,
+                                               "source_url": entry.source_url}, "layout": 1})
+    stored = cache.get(key)
+    if not (isinstance(stored, dict) and "parameter_count" in stored):
+        # in the JSON form a later run reads back, so that both key and trace the same architecture
+        stored = json.loads(json.dumps({"parameter_count": count_denoiser_parameters(arch), **layer_facts(arch)}))
+        cache.put(key, stored, parts, entry.name)
+    return dataclasses.replace(arch, facts=stored)
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -575,7 +594,10 @@ def cast_like_pretrained(model: Any, dtype: Any) -> None:
 
 
 def count_denoiser_parameters(arch: Architecture, buffers: bool = False) -> int:
-    """Parameters of the full denoiser (plus persistent-buffer values when `buffers`), from a meta build."""
+    """Parameters of the full denoiser (plus persistent-buffer values when `buffers`), from a meta build (or the
+    count `arch.facts` holds)."""
+    if not buffers and "parameter_count" in arch.facts:
+        return int(arch.facts["parameter_count"])
     model = build_denoiser(arch)
     total = sum(parameter.numel() for parameter in model.parameters())
     if buffers:

@@ -155,7 +155,7 @@ class MethodSpec:
         if self.benchmark == DENOISER.benchmark:
             from peftpick.knowledge.denoisers import resolve_denoiser
 
-            found = resolve_denoiser(base_model)
+            found = resolve_denoiser(base_model, cache=kb.architectures.cache)
             if found is None:
                 raise PeftpickError(f"the benchmark model {base_model} of run {run['experiment']} is not in the "
                                     "denoiser registry", "add it to knowledge/data/denoisers.json")
@@ -330,16 +330,16 @@ class MethodSpec:
         """The image run's targets (module names of the benchmark's FLUX.2-klein) as roles, resolved on `arch`."""
         from peftpick.knowledge.denoiser_targets import (
             DENOISER_ROLES,
-            analysis_model,
             denoiser_layer_modules,
+            layer_source,
             resolve_denoiser_targets,
         )
 
-        model = analysis_model(arch)  # built once for the three readings below
+        model = layer_source(arch)  # read (or built) once for the three readings below
         if targets is None:
             names = [n for n in str(run["target_modules"]).split("|") if n]
             reference_layers = denoiser_layer_modules(
-                reference_arch, model if reference_arch == arch else analysis_model(reference_arch))
+                reference_arch, model if reference_arch == arch else layer_source(reference_arch))
             roles = list(dict.fromkeys(role for layer in reference_layers if layer.target in names
                                        for role in layer.roles))
         else:

@@ -349,3 +349,36 @@ def test_targets_read_from_a_few_blocks_equal_those_of_the_full_model(built, nam
         assert resolve_denoiser_targets(arch, [role], include_conv=True, model=small, shrunk=True) == full, role
     assert [m.target for m in denoiser_layer_modules(arch)] == [m.target for m in denoiser_layer_modules(arch, model)]
     assert [m.target for m in denoiser_layer_modules(arch, small)] == [m.target for m in denoiser_layer_modules(arch, model)]
+
+
+@pytest.mark.parametrize("name", ["flux.1-dev", "flux.2-klein-4b", "sdxl-base-1.0"])
+def test_cached_facts_give_the_same_targets_without_building_the_denoiser(built, name, tmp_path, monkeypatch):
+    """A bundled denoiser resolved through the cache keeps its parameter count and layer tables (the full build's
+    too where a role is named block by block, FLUX.1's single blocks); the next run reads them back and chooses
+    targets without building the model, so without importing torch or diffusers."""
+    from peftpick.estimator.cache import EstimateCache
+    from peftpick.knowledge import denoiser_targets, denoisers
+    from peftpick.knowledge.denoisers import count_denoiser_parameters, resolve_denoiser
+
+    arch, model = built[name]
+    cache = EstimateCache.open(tmp_path / "cache.sqlite")
+    try:
+        resolve_denoiser(name, cache=cache.architectures)  # works the facts out and keeps them
+        cached = resolve_denoiser(name, cache=cache.architectures)
+    finally:
+        cache.close()
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the denoiser was built although its facts are cached")
+
+    monkeypatch.setattr(denoiser_targets, "build_denoiser", refuse)
+    monkeypatch.setattr(denoisers, "build_denoiser", refuse)
+    assert denoiser_targets.layer_source(cached) is None
+    assert count_denoiser_parameters(cached) == sum(p.numel() for p in model.parameters())
+    assert denoiser_layer_modules(cached) == denoiser_layer_modules(arch, model)
+    for role in DENOISER_ROLES:
+        try:
+            expected = resolve_denoiser_targets(arch, [role], include_conv=True, model=model)
+        except PeftpickError:
+            continue
+        assert resolve_denoiser_targets(cached, [role], include_conv=True) == expected, role
