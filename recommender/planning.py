@@ -138,18 +138,20 @@ class Planner:
         # a pool handed in is the caller's to close: its forked workers serve later plan_all calls too
         with contextlib.nullcontext(pool) if isinstance(pool, WorkerPool) else WorkerPool(pool) as workers:
             self._choose_loss(candidates, workers, progress)
-            plain_first, saving = self._checkpointing_saving(candidates, workers, progress)
+            reference, plain = self._plain_reference(candidates, workers, progress)
+            plain_first = not isinstance(plain, MemoryEstimate) or fit_of(plain, self.vram_gib) == "fits"
+            # what checkpointing saved the reference: known once its checkpointed estimate, the first one asked
+            # for below, is back (candidates that need it before then wait for it in `deferred`)
+            saving: dict[str, float | None] = {}
+            deferred: list[tuple[Candidate, int, bool, MemoryEstimate]] = []
             queues = {c.method: list(self.settings(can_checkpoint(c), plain_first)) for c in candidates}
             found: dict[str, TrainingPlan] = {}  # best plan so far
             first_tried: dict[str, MemoryEstimate] = {}  # each candidate's first estimate with its own optimizer
             scheduler = _Scheduler(self, workers, progress)
-            for candidate in candidates:
-                scheduler.request(candidate, *queues[candidate.method].pop(0))
-            for candidate, micro, ckpt, outcome in scheduler.outcomes():
+
+            def decide(candidate: Candidate, micro: int, ckpt: bool, outcome: MemoryEstimate) -> None:
+                """Keep the better plan and ask for the candidate's next setting, if any is worth estimating."""
                 method = candidate.method
-                if isinstance(outcome, PeftpickError):
-                    result[method] = outcome
-                    continue
                 lever = outcome.shape.optimizer != self.optimizer_of(candidate)
                 if not lever:
                     first_tried.setdefault(method, outcome)
@@ -164,8 +166,9 @@ class Planner:
                 elif self._strategy_rank(plan) > 0 and queues[method]:
                     pass  # a cheaper strategy may fit with the next, smaller setting: keep going
                 else:
-                    worth_plain = (ckpt and micro == self.batch_size and not plain_first and saving is not None
-                                   and _may_fit(outcome.peak_reserved_bytes + PLAIN_RETRY_SHARE * saving, self.vram_gib))
+                    saved = saving.get("bytes")
+                    worth_plain = (ckpt and micro == self.batch_size and not plain_first and saved is not None
+                                   and _may_fit(outcome.peak_reserved_bytes + PLAIN_RETRY_SHARE * saved, self.vram_gib))
                     queues[method] = [(micro, False, outcome.shape.optimizer)] if worth_plain else []
                 if not queues[method] and not lever and self._wants_8bit(candidate, found[method]):
                     queues[method] = [(m, c, EIGHT_BIT_ADAMW) for m, c in self.settings(can_checkpoint(candidate))]
@@ -173,6 +176,31 @@ class Planner:
                     # on to the next setting, ahead of candidates not started: a slow method's last estimate
                     # then runs beside the others instead of after them
                     scheduler.request(candidate, *queues[method].pop(0), first=True)
+
+            for candidate in candidates:
+                scheduler.request(candidate, *queues[candidate.method].pop(0))
+            for candidate, micro, ckpt, outcome in scheduler.outcomes():
+                if isinstance(outcome, PeftpickError):
+                    result[candidate.method] = outcome
+                    if candidate is reference and ckpt and micro == self.batch_size:
+                        saving["bytes"] = None
+                        for waiting in deferred:
+                            decide(*waiting)
+                        deferred.clear()
+                    continue
+                if "bytes" not in saving and not plain_first:
+                    if candidate is reference and ckpt and micro == self.batch_size:
+                        saving["bytes"] = (plain.peak_reserved_bytes - outcome.peak_reserved_bytes
+                                           if isinstance(plain, MemoryEstimate) else None)
+                        decide(candidate, micro, ckpt, outcome)
+                        for waiting in deferred:
+                            decide(*waiting)
+                        deferred.clear()
+                        continue
+                    if ckpt and micro == self.batch_size and fit_of(outcome, self.vram_gib) == "fits":
+                        deferred.append((candidate, micro, ckpt, outcome))  # whether to try it plain needs the saving
+                        continue
+                decide(candidate, micro, ckpt, outcome)
         for method, plan in found.items():
             result.setdefault(method, plan)
         return result
@@ -244,19 +272,15 @@ class Planner:
         if isinstance(liger, MemoryEstimate):
             self.loss_saving_bytes = stock.peak_reserved_bytes - liger.peak_reserved_bytes
 
-    def _checkpointing_saving(self, candidates, pool, progress) -> tuple[bool, float | None]:
-        """Whether to try plain (no checkpointing) settings first, and how much checkpointing saved LoRA."""
+    def _plain_reference(self, candidates, pool, progress) -> tuple[Candidate | None, MemoryEstimate | PeftpickError | None]:
+        """The first candidate that can checkpoint (LoRA in the catalogue) and its estimate at the requested batch
+        without checkpointing: whether it fits decides whether every candidate tries that setting first."""
         reference = next((c for c in candidates if can_checkpoint(c)), None)
         if reference is None:
-            return True, None
+            return None, None
         scheduler = _Scheduler(self, pool, progress)
         scheduler.request(reference, self.batch_size, False)
-        scheduler.request(reference, self.batch_size, True)
-        outcomes = {ckpt: outcome for _, _, ckpt, outcome in scheduler.outcomes()}
-        plain, checkpointed = outcomes[False], outcomes[True]
-        if isinstance(plain, PeftpickError) or isinstance(checkpointed, PeftpickError):
-            return True, None
-        return fit_of(plain, self.vram_gib) == "fits", plain.peak_reserved_bytes - checkpointed.peak_reserved_bytes
+        return reference, next(outcome for _, _, _, outcome in scheduler.outcomes())
 
     def _from_disk(self, key: tuple, shape: TrainingShape) -> MemoryEstimate | PeftpickError | None:
         """The cached outcome for planner key `key` (estimated at `shape`), or None (then remembered for `_to_disk`)."""

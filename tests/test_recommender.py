@@ -203,3 +203,33 @@ def test_a_closed_worker_pool_forks_new_workers_rather_than_refusing_jobs():
                 pool.submit(_process_id, (key,), f"job {key}", (round_, key))
             outcomes = dict(pool.next_completed(None) for _ in range(3))
         assert set(outcomes) == {(round_, key) for key in range(3)}
+
+
+def test_plans_do_not_depend_on_the_order_estimates_finish(monkeypatch):
+    """Candidates are started while LoRA's checkpointed estimate, which says what checkpointing saves, is still
+    running; a candidate whose checkpointed estimate fits first waits for that figure before its plain retry is
+    decided. Estimates handed back newest first must give the plans of estimates handed back in order."""
+    from peftpick.recommender import planning
+    from peftpick.types import MemoryEstimate
+
+    def synthetic(arch, config, shape):
+        # LoRA-like sizes: 7 GiB without checkpointing at micro-batch 2, 1.5 GiB saved by checkpointing
+        kind = type(config).__name__ if config is not None else "full"
+        base = {"LoraConfig": 5.0, "IA3Config": 4.2, "LoHaConfig": 5.3, "full": 20.0}.get(kind, 5.1)
+        gib = base + (0 if shape.gradient_checkpointing else 1.5) + 0.25 * shape.batch_size
+        return MemoryEstimate(int(gib * GIB), int(gib * GIB), {"activations": int(gib * GIB)}, 1, 10, shape)
+
+    def plans(newest_first):
+        if newest_first:
+            def next_completed(self, progress):
+                estimator, job, label, key = self._submitted.pop(-1)
+                return key, planning._guarded(estimator, job)
+            monkeypatch.setattr(planning.WorkerPool, "next_completed", next_completed)
+        monkeypatch.setattr(planning, "_default_estimator", synthetic)
+        rec = peftpick.recommend(**{**SMALL, "vram_gb": 7.5}, methods=["lora", "ia3", "loha", "vera"], cache=False)
+        return {r.method: (r.plan.micro_batch, r.plan.gradient_checkpointing, r.estimate.peak_reserved_bytes)
+                for r in rec.ranked}
+
+    in_order = plans(False)
+    assert plans(True) == in_order
+    assert in_order["ia3"][1] is False and in_order["lora"][1] is True  # IA3 retried plain, LoRA checkpointed
