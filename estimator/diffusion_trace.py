@@ -587,6 +587,12 @@ class _Program:
         if program.precompute is not None:
             build_resident(program.precompute.text_encoder)
             build_resident(program.precompute.vae)
+        # the built model's objects leave the collector's reach once its garbage is gone: the collection at each
+        # phase change then scans only what the trace makes (deterministic_gc unfreezes them after)
+        import gc
+
+        gc.collect()
+        gc.freeze()
         tr = self.tracker
         with tr:
             self.setup()
