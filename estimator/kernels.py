@@ -120,10 +120,13 @@ class _StackedBlockDiag(torch.autograd.Function):
 
 def _unbound_from(blocks) -> torch.Tensor | None:
     """The tensor that `blocks` are torch.unbind(tensor) of, as (blocks, rows, cols), or None when they are not
-    all the consecutive dim-0 slices of one contiguous tensor."""
+    all the consecutive dim-0 slices of one contiguous tensor, or were cut another way (blocks indexed one by one,
+    as OFT's are, each have a backward of their own that allocates: that stays traced)."""
     first = blocks[0]
     base = first._base
     if base is None or first.dim() != 2 or not base.is_contiguous() or base.numel() != len(blocks) * first.numel():
+        return None
+    if first.grad_fn is not None and not type(first.grad_fn).__name__.startswith("UnbindBackward"):
         return None
     size, offset = first.numel(), base.storage_offset()
     for index, block in enumerate(blocks):

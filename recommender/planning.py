@@ -140,9 +140,10 @@ class Planner:
             self._choose_loss(candidates, workers, progress)
             reference, plain = self._plain_reference(candidates, workers, progress)
             plain_first = not isinstance(plain, MemoryEstimate) or fit_of(plain, self.vram_gib) == "fits"
-            # what checkpointing saved the reference: known once its checkpointed estimate, the first one asked
-            # for below, is back (candidates that need it before then wait for it in `deferred`)
-            saving: dict[str, float | None] = {}
+            # what checkpointing saved the reference, needed only when it starts checkpointed: known once its
+            # checkpointed estimate (the first asked for below) is back; candidates that need it before wait
+            saving: float | None = None
+            saving_known = plain_first
             deferred: list[tuple[Candidate, int, bool, MemoryEstimate]] = []
             queues = {c.method: list(self.settings(can_checkpoint(c), plain_first)) for c in candidates}
             found: dict[str, TrainingPlan] = {}  # best plan so far
@@ -166,9 +167,8 @@ class Planner:
                 elif self._strategy_rank(plan) > 0 and queues[method]:
                     pass  # a cheaper strategy may fit with the next, smaller setting: keep going
                 else:
-                    saved = saving.get("bytes")
-                    worth_plain = (ckpt and micro == self.batch_size and not plain_first and saved is not None
-                                   and _may_fit(outcome.peak_reserved_bytes + PLAIN_RETRY_SHARE * saved, self.vram_gib))
+                    worth_plain = (ckpt and micro == self.batch_size and not plain_first and saving is not None
+                                   and _may_fit(outcome.peak_reserved_bytes + PLAIN_RETRY_SHARE * saving, self.vram_gib))
                     queues[method] = [(micro, False, outcome.shape.optimizer)] if worth_plain else []
                 if not queues[method] and not lever and self._wants_8bit(candidate, found[method]):
                     queues[method] = [(m, c, EIGHT_BIT_ADAMW) for m, c in self.settings(can_checkpoint(candidate))]
@@ -180,27 +180,22 @@ class Planner:
             for candidate in candidates:
                 scheduler.request(candidate, *queues[candidate.method].pop(0))
             for candidate, micro, ckpt, outcome in scheduler.outcomes():
-                if isinstance(outcome, PeftpickError):
+                failed = isinstance(outcome, PeftpickError)
+                if failed:
                     result[candidate.method] = outcome
-                    if candidate is reference and ckpt and micro == self.batch_size:
-                        saving["bytes"] = None
-                        for waiting in deferred:
-                            decide(*waiting)
-                        deferred.clear()
-                    continue
-                if "bytes" not in saving and not plain_first:
-                    if candidate is reference and ckpt and micro == self.batch_size:
-                        saving["bytes"] = (plain.peak_reserved_bytes - outcome.peak_reserved_bytes
-                                           if isinstance(plain, MemoryEstimate) else None)
-                        decide(candidate, micro, ckpt, outcome)
-                        for waiting in deferred:
-                            decide(*waiting)
-                        deferred.clear()
-                        continue
-                    if ckpt and micro == self.batch_size and fit_of(outcome, self.vram_gib) == "fits":
-                        deferred.append((candidate, micro, ckpt, outcome))  # whether to try it plain needs the saving
-                        continue
-                decide(candidate, micro, ckpt, outcome)
+                ready = [] if failed else [(candidate, micro, ckpt, outcome)]
+                first_setting = ckpt and micro == self.batch_size
+                if not saving_known and candidate is reference and first_setting:
+                    saving_known = True
+                    if not failed and isinstance(plain, MemoryEstimate):
+                        saving = plain.peak_reserved_bytes - outcome.peak_reserved_bytes
+                    ready += deferred
+                    deferred = []
+                elif not saving_known and ready and first_setting and fit_of(outcome, self.vram_gib) == "fits":
+                    deferred += ready  # whether to retry it without checkpointing needs the saving
+                    ready = []
+                for waiting in ready:
+                    decide(*waiting)
         for method, plan in found.items():
             result.setdefault(method, plan)
         return result
