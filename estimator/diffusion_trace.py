@@ -556,20 +556,20 @@ class _Program:
     # -- run ---------------------------------------------------------------------------------------
     def repeat_steps(self, trace: Trace, traced: int) -> tuple[Trace, bool]:
         """`trace` with copies of its last step up to the steps replayed (two windows of WINDOW_STEPS with
-        evaluations, else 5), and whether every copy could be made (synthesis.repeat_last_step)."""
+        evaluations, else 5), and whether the copies could be made (synthesis.repeat_last_step)."""
         from peftpick.estimator.synthesis import repeat_last_step
 
         evaluations = self.program.evaluations
         total_steps = 2 * WINDOW_STEPS if evaluations else 5
-        while traced < total_steps:
-            longer = repeat_last_step(trace, traced)
-            if longer is None:
-                return trace, False
-            trace = longer
-            traced += 1
-            if evaluations and traced == WINDOW_STEPS:
-                insert_markers(trace, len(trace.events), (EMPTY_CACHE, RESET_PEAK))
-        return trace, True
+        if traced >= total_steps:
+            return trace, True
+
+        def between_windows(longer: Trace, steps: int) -> None:
+            if evaluations and steps == WINDOW_STEPS:
+                insert_markers(longer, len(longer.events), (EMPTY_CACHE, RESET_PEAK))
+
+        longer = repeat_last_step(trace, traced, total_steps - traced, between_windows)
+        return (trace, False) if longer is None else (longer, True)
 
     def run(self) -> ProgramResult:
         from peftpick.estimator.diffusion import PARTS

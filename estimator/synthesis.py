@@ -14,6 +14,8 @@ a lengthened trace replays to the same peaks as a trace of every layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from peftpick.estimator.tracer import ALLOC, Trace
 
 
@@ -137,59 +139,77 @@ def lengthen(trace: Trace, units_traced: int, units_total: int, template: int) -
     return out
 
 
-def repeat_last_step(trace: Trace, steps: int) -> Trace | None:
-    """Append one more training step: a copy of the last traced one.
+def repeat_last_step(trace: Trace, steps: int, copies: int = 1,
+                     after_copy: Callable[[Trace, int], None] | None = None) -> Trace | None:
+    """Append `copies` more training steps, each a copy of the last traced one (`steps` traced).
 
     Steps repeat once optimizer state exists, except for what a step leaves alive for the next (the model
     output kept until the next forward rebinds it): the last step frees what the step before it left, so its
     copy must free what the last step leaves. Those storages are matched in allocation order; if they differ
-    in size, the steps are not alike and None is returned (trace one more step instead).
+    in size, the steps are not alike and None is returned (trace one more step instead). The first copy's
+    leftovers are the same sizes as the last step's, so once it is made every later one is too: the copies are
+    made in one pass, each freeing its predecessor's leftovers. `after_copy(trace, steps now)` runs after each
+    copy (to append markers between steps).
     """
     first, last = f"forward{steps - 2}", f"forward{steps - 1}"
     if first not in trace.marks or last not in trace.marks:
         return None
     start = trace.marks[last]
     end = trace.marks.get("end", len(trace.events))
-    allocated_in = {}  # handle -> "previous" / "last" step
+    events = trace.events
+    allocated_in = {}  # handle -> "previous" / "last" step, in allocation order
     freed_in_last: set[int] = set()
     live_at_end: set[int] = set()
-    for index, (kind, handle, _nbytes, _unit) in enumerate(trace.events[:end]):
+    sizes: dict[int, int] = {}
+    for index in range(trace.marks[first], end):  # nothing before the previous step is matched
+        kind, handle, nbytes, _unit = events[index]
         if kind == ALLOC:
-            if trace.marks[first] <= index < start:
+            sizes[handle] = nbytes
+            if index < start:
                 allocated_in[handle] = "previous"
-            elif index >= start:
+            else:
                 allocated_in[handle] = "last"
                 live_at_end.add(handle)
         else:
             live_at_end.discard(handle)
             if index >= start and allocated_in.get(handle) == "previous":
                 freed_in_last.add(handle)
-    sizes = {h: b for k, h, b, _u in trace.events if k == ALLOC}
     before = [h for h in allocated_in if h in freed_in_last]  # what the previous step left, freed by the last
     after = [h for h in allocated_in if allocated_in[h] == "last" and h in live_at_end]
     if [sizes[h] for h in before] != [sizes[h] for h in after]:
         return None
-    successor = dict(zip(before, after))
-    next_handle = max(sizes) + 1
-    fresh: dict[int, int] = {}
-    out = Trace(events=list(trace.events[:end]), tags=dict(trace.tags), phase_of=dict(trace.phase_of),
+    next_handle = max(h for k, h, _b, _u in events if k == ALLOC) + 1
+    out = Trace(events=events[:end], tags=dict(trace.tags), phase_of=dict(trace.phase_of),
                 owner=dict(trace.owner), marks={k: v for k, v in trace.marks.items() if k != "end"})
-    for name, index in trace.marks.items():
-        if start <= index < end and name[-1:].isdigit():
-            out.marks[name.rstrip("0123456789") + str(steps)] = end + index - start
-    for kind, handle, nbytes, unit in trace.events[start:end]:
-        if kind == ALLOC:
-            fresh[handle] = next_handle
-            if handle in trace.tags:
-                out.tags[next_handle] = trace.tags[handle]
-            if handle in trace.owner:
-                out.owner[next_handle] = trace.owner[handle]
-            phase = trace.phase_of.get(handle, "")
-            out.phase_of[next_handle] = phase.rstrip("0123456789") + str(steps) if phase[-1:].isdigit() else phase
-            next_handle += 1
-            out.events.append((kind, fresh[handle], nbytes, unit))
-        elif handle in fresh:
-            out.events.append((kind, fresh[handle], nbytes, unit))
-        elif handle in successor:
-            out.events.append((kind, successor[handle], nbytes, unit))
+    step_events = events[start:end]
+    left = after  # the storages the newest step leaves, in allocation order
+    copy_start, copy_end = start, end  # where the newest step sits in `out`
+    for copy in range(copies):
+        number = steps + copy
+        successor = dict(zip(before, left))
+        fresh: dict[int, int] = {}
+        base = len(out.events)
+        for name, index in list(out.marks.items()):
+            if copy_start <= index < copy_end and name[-1:].isdigit():
+                out.marks[name.rstrip("0123456789") + str(number)] = base + index - copy_start
+        appended = out.events.append
+        for kind, handle, nbytes, unit in step_events:
+            if kind == ALLOC:
+                fresh[handle] = next_handle
+                if handle in trace.tags:
+                    out.tags[next_handle] = trace.tags[handle]
+                if handle in trace.owner:
+                    out.owner[next_handle] = trace.owner[handle]
+                phase = trace.phase_of.get(handle, "")
+                out.phase_of[next_handle] = phase.rstrip("0123456789") + str(number) if phase[-1:].isdigit() else phase
+                appended((kind, next_handle, nbytes, unit))
+                next_handle += 1
+            elif handle in fresh:
+                appended((kind, fresh[handle], nbytes, unit))
+            elif handle in successor:
+                appended((kind, successor[handle], nbytes, unit))
+        left = [fresh[h] for h in after]
+        if after_copy is not None:
+            after_copy(out, number + 1)
+        copy_start, copy_end = out.marks.get(f"forward{number}", base), len(out.events)
     return out

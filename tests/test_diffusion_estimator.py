@@ -275,3 +275,61 @@ def test_denoiser_optimizers_are_the_language_model_ones():
     assert adamw.breakdown["optimizer"] >= 8 * trainable
     assert sgd.breakdown["optimizer"] == pytest.approx(adamw.breakdown["optimizer"] / 2, rel=0.02)
     assert any("sgd" in note for note in sgd.assumptions)
+
+
+def _one_by_one(trace, traced, total, markers_at):
+    """Steps copied one at a time (the first form of synthesis.repeat_last_step), markers after step `markers_at`."""
+    from peftpick.estimator.diffusion_meta import EMPTY_CACHE, RESET_PEAK, insert_markers
+    from peftpick.estimator.synthesis import repeat_last_step
+
+    while traced < total:
+        trace = repeat_last_step(trace, traced)
+        traced += 1
+        if traced == markers_at:
+            insert_markers(trace, len(trace.events), (EMPTY_CACHE, RESET_PEAK))
+    return trace
+
+
+@pytest.mark.parametrize("suite", [False, True], ids=["plain loop", "suite windows"])
+def test_steps_copied_in_one_pass_are_the_steps_copied_one_by_one(monkeypatch, suite):
+    from peftpick.estimator import diffusion_trace
+
+    seen = []
+    copy_steps = diffusion_trace._Program.repeat_steps
+
+    def recorded(self, trace, traced):
+        longer, complete = copy_steps(self, trace, traced)
+        seen.append((trace, traced, longer, complete, self.program.evaluations))
+        return longer, complete
+
+    monkeypatch.setattr(diffusion_trace._Program, "repeat_steps", recorded)
+    program = DenoiserProgram(evaluations=True, cached_latents=4, cached_prompts=4, index_rows=8) if suite else None
+    estimate_denoiser(tiny_flux2(), lora(), dataclasses.replace(SHAPE, gradient_checkpointing=True), program=program)
+    trace, traced, longer, complete, evaluations = seen[0]
+    assert complete and bool(evaluations) == suite
+    total = 2 * diffusion_trace.WINDOW_STEPS if evaluations else 5
+    expected = _one_by_one(trace, traced, total, diffusion_trace.WINDOW_STEPS if evaluations else None)
+    assert len(longer.events) > len(trace.events)
+    assert (longer.events, longer.marks, longer.tags, longer.phase_of, longer.owner) == (
+        expected.events, expected.marks, expected.tags, expected.phase_of, expected.owner)
+
+
+def test_steps_copied_before_lengthening_give_the_same_estimate(monkeypatch):
+    # the fallback for lengthened steps that do not match storage by storage: the traced steps are copied first,
+    # then lengthened; forced here, it must give what lengthening first gives
+    from peftpick.estimator import diffusion_trace
+
+    shape = dataclasses.replace(SHAPE, gradient_checkpointing=True)
+    usual = estimate_denoiser(tiny_flux2(), lora(), shape)
+    copy_steps = diffusion_trace._Program.repeat_steps
+    calls = []
+
+    def first_refused(self, trace, traced):
+        calls.append(len(trace.events))
+        return (trace, False) if len(calls) == 1 else copy_steps(self, trace, traced)
+
+    monkeypatch.setattr(diffusion_trace._Program, "repeat_steps", first_refused)
+    fallback = estimate_denoiser(tiny_flux2(), lora(), shape)
+    assert len(calls) == 2 and calls[0] > calls[1]  # the lengthened trace, then the traced one
+    assert (fallback.peak_allocated_bytes, fallback.peak_reserved_bytes, fallback.breakdown) == (
+        usual.peak_allocated_bytes, usual.peak_reserved_bytes, usual.breakdown)
