@@ -63,24 +63,32 @@ class AllocatorStats:
     segments: int = 0
 
 
+# A free block's key in its pool: size first, then address (BlockComparatorSize), as one integer, which bisect
+# compares faster than a (size, addr) tuple. Addresses stay below KEY_SPAN.
+KEY_SPAN = 1 << 62
+
+
 class CachingAllocatorModel:
     """Replays malloc/free calls; `stats` holds current and peak allocated/reserved bytes."""
 
     def __init__(self) -> None:
         self.stats = AllocatorStats()
         # Free blocks per pool, kept sorted by (size, addr) like the allocator's BlockComparatorSize.
-        self._free: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
-        self._by_key: dict[tuple[int, int], _Block] = {}
+        self._free: dict[bool, list[int]] = {True: [], False: []}
+        self._by_key: dict[int, _Block] = {}
         self._live: dict[int, _Block] = {}
         self.live_handles = self._live.keys()  # handles allocated and not freed (a live view)
         self._next_addr = 1 << 40
 
     def malloc(self, handle: int, nbytes: int) -> int:
         """Allocate `nbytes` for `handle`; returns the block size counted as allocated."""
-        size = round_size(nbytes)
+        size = MIN_BLOCK if nbytes < MIN_BLOCK else MIN_BLOCK * ((nbytes + MIN_BLOCK - 1) // MIN_BLOCK)
         small = size <= SMALL_SIZE
-        block = self._take_free_block(small, size)
-        if block is None:
+        pool = self._free[small]
+        i = bisect.bisect_left(pool, size * KEY_SPAN)  # the best fit: smallest size, then lowest address
+        if i < len(pool):
+            block = self._by_key.pop(pool.pop(i))
+        else:
             block = self._new_segment(small, segment_size(size))
         remaining = block.size - size
         if remaining >= MIN_BLOCK if small else remaining > SMALL_SIZE:
@@ -90,7 +98,9 @@ class CachingAllocatorModel:
                 block.next.prev = rest
             block.next = rest
             block.size = size
-            self._insert_free(rest)
+            key = remaining * KEY_SPAN + rest.addr
+            bisect.insort(pool, key)
+            self._by_key[key] = rest
         block.allocated = True
         self._live[handle] = block
         st = self.stats
@@ -103,21 +113,23 @@ class CachingAllocatorModel:
         block = self._live.pop(handle)
         block.allocated = False
         self.stats.allocated -= block.size
-        for neighbour in (block.prev, block.next):
-            if neighbour is not None and not neighbour.allocated:
-                self._remove_free(neighbour)
-                if neighbour is block.prev:
-                    neighbour.size += block.size
-                    neighbour.next = block.next
-                    if block.next is not None:
-                        block.next.prev = neighbour
-                    block = neighbour
-                else:
-                    block.size += neighbour.size
-                    block.next = neighbour.next
-                    if neighbour.next is not None:
-                        neighbour.next.prev = block
-        self._insert_free(block)
+        prev, following = block.prev, block.next
+        if prev is not None and not prev.allocated:
+            self._remove_free(prev)
+            prev.size += block.size
+            prev.next = following
+            if following is not None:
+                following.prev = prev
+            block = prev
+        if following is not None and not following.allocated:
+            self._remove_free(following)
+            block.size += following.size
+            block.next = following.next
+            if following.next is not None:
+                following.next.prev = block
+        key = block.size * KEY_SPAN + block.addr
+        bisect.insort(self._free[block.small], key)
+        self._by_key[key] = block
 
     def _new_segment(self, small: bool, size: int) -> _Block:
         block = _Block(self._next_addr, size, small)
@@ -130,22 +142,13 @@ class CachingAllocatorModel:
             st.peak_reserved = st.reserved
         return block
 
-    def _take_free_block(self, small: bool, size: int) -> _Block | None:
-        pool = self._free[small]
-        i = bisect.bisect_left(pool, (size, 0))
-        if i == len(pool):
-            return None
-        key = pool.pop(i)
-        return self._by_key.pop(key)
-
     def _insert_free(self, block: _Block) -> None:
-        key = (block.size, block.addr)
+        key = block.size * KEY_SPAN + block.addr
         bisect.insort(self._free[block.small], key)
         self._by_key[key] = block
 
     def _remove_free(self, block: _Block) -> None:
-        key = (block.size, block.addr)
+        key = block.size * KEY_SPAN + block.addr
         pool = self._free[block.small]
-        i = bisect.bisect_left(pool, key)
-        del pool[i]
+        del pool[bisect.bisect_left(pool, key)]
         del self._by_key[key]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import contextlib
@@ -238,11 +239,8 @@ class WindowReplay:
     between_steps: list[tuple[int, int]] = field(default_factory=list)  # (allocated, reserved) as each step ends
 
 
-def _category(trace: Trace, handle: int) -> str:
-    tag = trace.tags.get(handle)
-    if tag is not None:
-        return tag
-    phase = trace.phase_of.get(handle, "")
+def _part_of_phase(phase: str) -> str:
+    """The breakdown part of an untagged storage allocated in `phase`."""
     if phase.startswith("optimizer"):
         return "optimizer"
     if phase in ("build", "setup"):
@@ -255,7 +253,10 @@ def replay_windows(trace: Trace, parts: tuple[str, ...]) -> WindowReplay:
     window between markers; the reserved peak is reported minus the reserved bytes at the BASELINE marker."""
     allocator = ProgramAllocator()
     stats = allocator.stats
-    counting = not any(kind == RESET_PEAK for kind, *_ in trace.events)
+    malloc, free = allocator.malloc, allocator.free
+    tags, phase_of = trace.tags, trace.phase_of
+    part_of_phase: dict[str, str] = {}  # a few phases, hundreds of thousands of storages
+    counting = RESET_PEAK not in map(itemgetter(0), trace.events)
     baseline = 0
     live: dict[int, tuple[int, str]] = {}
     by_part: Counter[str] = Counter()
@@ -269,23 +270,27 @@ def replay_windows(trace: Trace, parts: tuple[str, ...]) -> WindowReplay:
         if index in step_starts:
             between.append((stats.allocated, stats.reserved - baseline))
         if kind == ALLOC:
-            allocator.malloc(handle, nbytes)
-            part = _category(trace, handle)
+            malloc(handle, nbytes)
+            part = tags.get(handle)
+            if part is None:
+                phase = phase_of.get(handle, "")
+                part = part_of_phase.get(phase) or part_of_phase.setdefault(phase, _part_of_phase(phase))
             live[handle] = (nbytes, part)
             by_part[part] += nbytes
             if counting:
-                if stats.allocated > best_alloc:
-                    best_alloc, best_parts = stats.allocated, by_part.copy()
-                if stats.allocated > window_alloc:
-                    window_alloc = stats.allocated
-                if stats.reserved > window_reserved:
-                    window_reserved = stats.reserved
-                if stats.reserved > best_reserved:
-                    best_reserved, reserved_index = stats.reserved, index
+                allocated, reserved = stats.allocated, stats.reserved
+                if allocated > best_alloc:
+                    best_alloc, best_parts = allocated, by_part.copy()
+                if allocated > window_alloc:
+                    window_alloc = allocated
+                if reserved > window_reserved:
+                    window_reserved = reserved
+                if reserved > best_reserved:
+                    best_reserved, reserved_index = reserved, index
         elif kind == FREE:
             entry = live.pop(handle, None)
             if entry is not None:
-                allocator.free(handle)
+                free(handle)
                 by_part[entry[1]] -= entry[0]
         elif kind == EMPTY_CACHE:
             allocator.empty_cache()
