@@ -82,7 +82,7 @@ class CachingAllocatorModel:
 
     def malloc(self, handle: int, nbytes: int) -> int:
         """Allocate `nbytes` for `handle`; returns the block size counted as allocated."""
-        size = MIN_BLOCK if nbytes < MIN_BLOCK else MIN_BLOCK * ((nbytes + MIN_BLOCK - 1) // MIN_BLOCK)
+        size = round_size(nbytes)
         small = size <= SMALL_SIZE
         pool = self._free[small]
         i = bisect.bisect_left(pool, size * KEY_SPAN)  # the best fit: smallest size, then lowest address
@@ -98,9 +98,7 @@ class CachingAllocatorModel:
                 block.next.prev = rest
             block.next = rest
             block.size = size
-            key = remaining * KEY_SPAN + rest.addr
-            bisect.insort(pool, key)
-            self._by_key[key] = rest
+            self._insert_free(rest)
         block.allocated = True
         self._live[handle] = block
         st = self.stats
@@ -127,9 +125,7 @@ class CachingAllocatorModel:
             block.next = following.next
             if following.next is not None:
                 following.next.prev = block
-        key = block.size * KEY_SPAN + block.addr
-        bisect.insort(self._free[block.small], key)
-        self._by_key[key] = block
+        self._insert_free(block)
 
     def _new_segment(self, small: bool, size: int) -> _Block:
         block = _Block(self._next_addr, size, small)

@@ -255,7 +255,6 @@ def replay_windows(trace: Trace, parts: tuple[str, ...]) -> WindowReplay:
     stats = allocator.stats
     malloc, free = allocator.malloc, allocator.free
     tags, phase_of = trace.tags, trace.phase_of
-    part_of_phase: dict[str, str] = {}  # a few phases, hundreds of thousands of storages
     counting = RESET_PEAK not in map(itemgetter(0), trace.events)
     baseline = 0
     live: dict[int, tuple[int, str]] = {}
@@ -271,10 +270,7 @@ def replay_windows(trace: Trace, parts: tuple[str, ...]) -> WindowReplay:
             between.append((stats.allocated, stats.reserved - baseline))
         if kind == ALLOC:
             malloc(handle, nbytes)
-            part = tags.get(handle)
-            if part is None:
-                phase = phase_of.get(handle, "")
-                part = part_of_phase.get(phase) or part_of_phase.setdefault(phase, _part_of_phase(phase))
+            part = tags.get(handle) or _part_of_phase(phase_of.get(handle, ""))
             live[handle] = (nbytes, part)
             by_part[part] += nbytes
             if counting:
