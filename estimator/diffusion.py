@@ -23,6 +23,14 @@ with the denoiser in the training dtype, PEFT adapter weights in float32 (`autoc
 torch.utils.checkpoint around every block). Variables keep their values from one step into the next as Python
 locals of a loop do.
 
+The first step is traced and the second made from it (`synthesis.second_step_from_first`): the same events less
+the optimizer state and workspaces the first makes once, plus the frees of what the first leaves, which are
+found by doing them (zero_grad, then each loop variable deleted in the order the second step rebinds them) and
+placed at those points of the step's code. Where the first step leaves anything else (a cache the model keeps,
+as Qwen-Image's rotary tables; an optimizer that replaces its state, as Adafactor), the second step is traced;
+tests check the made step against a traced one event for event. Later steps are copies of the second
+(`synthesis.repeat_last_step`).
+
 `DenoiserProgram` adds what a particular run holds beside it; `peft_image_suite()` is the PEFT suite's run on an
 L40S: the DINOv2 eval model resident, the prompt-embedding and latent caches made on the GPU by a traced
 text-encoder and VAE pass (whose leftovers stay in the allocator's segments), `empty_cache()` and a peak reset

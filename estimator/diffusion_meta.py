@@ -317,17 +317,17 @@ def replay_windows(trace: Trace, parts: tuple[str, ...]) -> WindowReplay:
 # ------------------------------------------------------------------------------------------ trace editing
 
 
-def replicate(trace: Trace, start: int, end: int, times: int) -> list[list[int]]:
-    """Insert `times` copies of events[start:end] right after it, with fresh handles. Storages the stretch
-    allocates and does not free stay alive in every copy (one prompt embedding more per copy); a free of a
-    storage allocated before the stretch is not repeated. Marks after the stretch shift. Returns, per copy, the
-    handles it leaves alive (for the caller to free)."""
+def replicate(trace: Trace, start: int, end: int, times: int, new_handle) -> list[list[int]]:
+    """Insert `times` copies of events[start:end] right after it, with fresh handles from `new_handle()` (the
+    tracker's, so that storages it tracks later get other handles). Storages the stretch allocates and does
+    not free stay alive in every copy (one prompt embedding more per copy); a free of a storage allocated
+    before the stretch is not repeated. Marks after the stretch shift. Returns, per copy, the handles it
+    leaves alive (for the caller to free)."""
     if times <= 0:
         return []
     events = trace.events
     stretch = events[start:end]
     inside = {h for k, h, _b, _u in stretch if k == ALLOC}
-    next_handle = max((h for _k, h, _b, _u in events), default=0) + 1
     copies = []
     survivors = []
     for _ in range(times):
@@ -335,13 +335,12 @@ def replicate(trace: Trace, start: int, end: int, times: int) -> list[list[int]]
         alive: dict[int, None] = {}
         for kind, handle, nbytes, unit in stretch:
             if kind == ALLOC:
-                fresh[handle] = next_handle
+                copy = fresh[handle] = new_handle()
                 for table in (trace.tags, trace.phase_of, trace.owner):
                     if handle in table:
-                        table[next_handle] = table[handle]
-                alive[next_handle] = None
-                next_handle += 1
-                copies.append((kind, fresh[handle], nbytes, unit))
+                        table[copy] = table[handle]
+                alive[copy] = None
+                copies.append((kind, copy, nbytes, unit))
             elif kind == FREE:
                 if handle in inside:
                     copies.append((kind, fresh[handle], nbytes, unit))

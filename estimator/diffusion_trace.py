@@ -16,6 +16,11 @@ from peftpick.estimator.tracer import ALLOC, FREE, Trace
 from peftpick.types import Architecture, TrainingShape
 
 TRACED_STEPS = 2  # traced; more steps are copies of the second (synthesis.repeat_last_step)
+RETRACE = object()  # _Program.next_step_drops: trace the program again, the second step for real
+# Optimizers whose state tensors are made at the first step and updated in place after, so a second step is the
+# first without them (checked trace against trace). transformers' Adafactor replaces its "RMS" state tensor
+# every step; the LoRA-FA optimizer has no denoiser candidate to check it on: their second step is traced.
+STATE_MADE_ONCE = ("adamw", "sgd", "adamw-8bit", "paged-adamw-8bit")
 WINDOW_STEPS = 3  # steps in each stretch between peak resets (peaks settle by the second)
 
 
@@ -31,6 +36,22 @@ class ProgramResult:
     lengthened: bool = False
     windows: list = field(default_factory=list)
     between_steps: list = field(default_factory=list)
+
+
+class _Bindings(dict):
+    """The training loop's variables. While `first_bound` is a dict, the first binding of each name is noted
+    there with the tracker's position (`StorageTracker.position`) and an ordinal: at that point of its code the
+    next step rebinds the name, which drops the value this step leaves."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where = where  # () -> (ordinal, tracker position)
+        self.first_bound: dict[str, tuple] | None = None
+
+    def __setitem__(self, key, value):
+        if self.first_bound is not None and key not in self.first_bound:
+            self.first_bound[key] = self.where()
+        super().__setitem__(key, value)
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -183,7 +204,8 @@ def wrap_adapter(build, peft_config):
 
 
 class _Program:
-    def __init__(self, arch: Architecture, peft_config, shape: TrainingShape, program, exact: bool):
+    def __init__(self, arch: Architecture, peft_config, shape: TrainingShape, program, exact: bool,
+                 synthesize: bool = True):
         from peftpick.estimator.diffusion import geometry
 
         self.arch, self.d, self.shape, self.program = arch, arch.denoiser, shape, program
@@ -191,9 +213,14 @@ class _Program:
         self.dtype = _dtype(shape.dtype)
         self.geo = geometry(self.d, shape)
         self.exact = exact
+        self.synthesize = synthesize  # the second step made from the first where it can be (next_step_drops)
+        self.second_step_made = False  # whether it was
         self.batch = shape.batch_size
         self.tracker = FastStorageTracker(vocab_size=None, nonzero_rows=_shira_rows(peft_config))
-        self.v: dict[str, Any] = {}  # the training loop's variables
+        self._ordinal = 0
+        self.v = _Bindings(self.where)  # the training loop's variables
+        self.zero_grad_at: tuple | None = None  # where the first step's code calls zero_grad
+        self.workspace_handles: list[int] = []
         traced = TRACED_BLOCKS if peft_config is not None else TRACED_BLOCKS_TRAINED_INPUTS
         self.plan, self.overrides = block_plan(arch, exact, traced)  # [(list path, blocks in model, blocks traced)]
         self.lengthened = any(total > traced for _path, total, traced in self.plan)
@@ -213,7 +240,12 @@ class _Program:
     def workspace(self):
         if self.workspaces < 2:
             self.workspaces += 1
-            self.tracker.allocate(self.program.cublas_workspace, "overhead")
+            self.workspace_handles.append(self.tracker.allocate(self.program.cublas_workspace, "overhead"))
+
+    def where(self) -> tuple:
+        """(ordinal, tracker position) of a point of the step's code, for `second_step`."""
+        self._ordinal += 1
+        return self._ordinal, self.tracker.position()
 
     # -- model --------------------------------------------------------------------------------
     def build_model(self):
@@ -407,7 +439,7 @@ class _Program:
             embeds = embeds.repeat(1, 1, 1).view(b, s, -1)  # encode_prompt's num_images_per_prompt repeat
             text_ids = torch.empty(1, s, 4, dtype=torch.long, device="meta")  # made on the CPU, moved
         end = len(tr.trace.events)
-        survivors = replicate(tr.trace, start, end, p.prompts - 1)
+        survivors = replicate(tr.trace, start, end, p.prompts - 1, tr.new_handle)
         for t in te_tensors:  # offload_models: back to the CPU
             tr.free(t)
         prompt_cache = torch.cat([embeds] * p.prompts, dim=0)
@@ -436,7 +468,7 @@ class _Program:
                 latents = (latents - bn_mean) / bn_std
             end = len(tr.trace.events)
             batches = -(-p.images // p.batch_size)
-            survivors = replicate(tr.trace, start, end, batches - 1)
+            survivors = replicate(tr.trace, start, end, batches - 1, tr.new_handle)
         for t in vae_tensors:
             tr.free(t)
         latent_cache = torch.cat([latents] * batches, dim=0)[: p.images]
@@ -508,6 +540,8 @@ class _Program:
             v["noisy"] = sqrt_alpha * v["latents"] + sqrt_one_minus * v["noise"]
             v["sqrt_alpha"], v["sqrt_one_minus"] = sqrt_alpha, sqrt_one_minus
             del alphas, sqrt_alpha, sqrt_one_minus
+        if self.v.first_bound is not None:
+            self.zero_grad_at = self.where()
         optimizer.zero_grad(set_to_none=True)
         if index == 0 and self.workspaces == 0:
             self.workspace()
@@ -571,9 +605,101 @@ class _Program:
         longer = repeat_last_step(trace, traced, total_steps - traced, between_windows)
         return (trace, False) if longer is None else (longer, True)
 
-    def run(self) -> ProgramResult:
-        from peftpick.estimator.diffusion import PARTS
+    def trace_steps(self) -> tuple[Trace | None, int]:
+        """The traced program up to the end of its traced steps (the second made from the first where it can
+        be: next_step_drops), and how many steps that is; None for the trace where it must be traced again."""
+        program, tr = self.program, self.tracker
+        with tr:
+            self.setup()
+            optimizer = self.optimizer()
+            if program.precompute is not None:
+                self.precompute()
+            else:
+                self.plain_caches()
+            if program.evaluations:
+                tr.mark(EMPTY_CACHE)
+                tr.mark(RESET_PEAK)
+            steps = _traced_steps(self.peft_config, program)
+            drops = None
+            for index, global_step in enumerate(steps):
+                if index == 1 and self.v.first_bound is not None:
+                    self.v.first_bound, first_bound = None, self.v.first_bound
+                    drops = self.next_step_drops(optimizer, first_bound)
+                    if drops is not None:
+                        break
+                if program.evaluations and index == WINDOW_STEPS and index < len(steps):
+                    tr.mark(EMPTY_CACHE)
+                    tr.mark(RESET_PEAK)
+                if (index == 0 and self.synthesize and len(steps) == TRACED_STEPS
+                        and self.shape.optimizer in STATE_MADE_ONCE):
+                    self.v.first_bound = {}
+                self.step(index, optimizer, global_step)
+            tr.set_phase("end")
+            self.v.clear()
+        if drops is RETRACE:
+            return None, len(steps)
+        if drops is None:
+            return tr.trace, len(steps)
+        from peftpick.estimator.synthesis import second_step_from_first
 
+        once, frees = drops
+        self.second_step_made = True
+        return second_step_from_first(tr.trace, 1, once, frees), len(steps)
+
+    def next_step_drops(self, optimizer, first_bound: dict[str, tuple]):
+        """What the first traced step leaves, sorted by what the second does with it, for
+        synthesis.second_step_from_first: (the storages it never makes again: optimizer state and library
+        workspaces, [the frees it makes of the rest: at zero_grad, and where the loop variables are first
+        rebound]).
+
+        What a drop frees is not assumed: zero_grad is called and the variables are deleted, in the order the
+        second step reaches those points, and the frees the tracker sees are taken. None, with the program
+        untouched, where the first step leaves a storage besides its variables, gradients and lasting state
+        (a cache the model keeps): then the second step is traced. RETRACE where a drop allocates, or leaves a
+        storage of the first step alive: the program, its state changed, is traced again without synthesis."""
+        import gc
+
+        gc.collect()  # what the next phase change collects (FastStorageTracker.set_phase) before step 1 starts
+        tr = self.tracker
+        trace = tr.trace
+        events = trace.events
+        made = {h for k, h, _b, _u in events[trace.marks["forward0"]:] if k == ALLOC}
+        live = tr.live_handles() & made
+        once = {h for h in self.workspace_handles if h in made}
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and tr.handle_of(value) in made:
+                    once.add(tr.handle_of(value))
+        held = {tr.handle_of(p.grad) for p in self.params if p.grad is not None}
+        held |= {tr.handle_of(value) for value in self.v.values() if isinstance(value, torch.Tensor)}
+        if live - once - held or self.zero_grad_at is None:
+            return None
+        points = sorted([(self.zero_grad_at, None)] + [(first_bound[key], key) for key in self.v],
+                        key=lambda point: point[0][0])
+        owner = trace.owner
+        frees, freed = [], set()
+        for (_ordinal, position), key in points:
+            start = len(events)
+            if key is None:
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                dict.__delitem__(self.v, key)
+            seen = events[start:]
+            del events[start:]
+            if any(kind != FREE for kind, _h, _b, _u in seen):
+                return RETRACE
+            handles = [h for _k, h, _b, _u in seen]
+            freed.update(handles)
+            if handles:
+                frees.append((position[0], position[1], [(h, tr.unit_of_free_at(position, owner.get(h))) for h in handles]))
+        start = len(events)
+        gc.collect()  # a drop that leaves garbage in reference cycles: freed at a phase change, not at the drop
+        if len(events) > start or live - once - freed:
+            return RETRACE
+        return once, frees
+
+    def prepare(self) -> None:
+        """Build the model, and what the program builds before it runs (not part of the trace)."""
         self.build_model()
         if self.lengthened and self.shares_across_blocks():
             # an adapter with tensors shared by several blocks (VB-LoRA's vector bank, Lily's shared projections)
@@ -593,32 +719,21 @@ class _Program:
 
         gc.collect()
         gc.freeze()
-        tr = self.tracker
-        with tr:
-            self.setup()
-            optimizer = self.optimizer()
-            if program.precompute is not None:
-                self.precompute()
-            else:
-                self.plain_caches()
-            if program.evaluations:
-                tr.mark(EMPTY_CACHE)
-                tr.mark(RESET_PEAK)
-            steps = _traced_steps(self.peft_config, program)
-            for index, global_step in enumerate(steps):
-                if program.evaluations and index == WINDOW_STEPS and index < len(steps):
-                    tr.mark(EMPTY_CACHE)
-                    tr.mark(RESET_PEAK)
-                self.step(index, optimizer, global_step)
-            tr.set_phase("end")
-            self.v.clear()
-        trace, traced = tr.trace, len(steps)
+
+    def run(self) -> ProgramResult:
+        from peftpick.estimator.diffusion import PARTS
+
+        self.prepare()
+        traced_trace, traced = self.trace_steps()
+        if traced_trace is None:
+            return _Program(self.arch, self.peft_config, self.shape, self.program, self.exact, synthesize=False).run()
+        trace = traced_trace
         if self.lengthened:
             # lengthened first, the steps are copied cheaply (lengthening costs per event, and there are fewer);
             # where the lengthened steps do not match storage by storage, they are copied as traced
             trace, complete = self.repeat_steps(self.lengthen(trace), traced)
             if not complete:
-                trace = self.lengthen(self.repeat_steps(tr.trace, traced)[0])
+                trace = self.lengthen(self.repeat_steps(traced_trace, traced)[0])
         else:
             trace = self.repeat_steps(trace, traced)[0]
         result = replay_windows(trace, PARTS)

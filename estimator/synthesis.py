@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from peftpick.estimator.tracer import ALLOC, Trace
+from peftpick.estimator.tracer import ALLOC, FREE, Trace
 
 
 def _phase_per_event(trace: Trace) -> list[str]:
@@ -212,4 +212,78 @@ def repeat_last_step(trace: Trace, steps: int, copies: int = 1,
         if after_copy is not None:
             after_copy(out, number + 1)
         copy_start, copy_end = out.marks.get(f"forward{number}", base), len(out.events)
+    return out
+
+
+# A free the next step makes of what the traced step leaves: (index in the trace, phase then, [(handle, unit)])
+Drop = tuple[int, str, list[tuple[int, int | None]]]
+
+
+def _next_number(name: str, number: int) -> str:
+    return name.rstrip("0123456789") + str(number) if name[-1:].isdigit() else name
+
+
+def second_step_from_first(trace: Trace, number: int, once: set[int], drops: list[Drop]) -> Trace:
+    """`trace`, whose last traced step is step `number - 1` (from its forward mark to the "end" mark), with step
+    `number` made from it instead of traced.
+
+    A training step repeats its predecessor's allocations and frees, except that the first one also makes what
+    lasts the whole run (optimizer state, library workspaces: `once`, left out of the copy), and that the
+    next step drops what this one leaves (its gradients at zero_grad, its loop variables where Python rebinds
+    them). The caller knows where: `drops` are those frees at the points of the traced step's code where the
+    next step makes them, in the order it makes them (drops recorded in the phase that ends at an index come
+    before that index's phase mark). Frees of storages made before the traced step happen once and are not
+    repeated. The result is the trace of two steps, up to its "end" mark.
+    """
+    start = trace.marks[f"forward{number - 1}"]
+    end = trace.marks["end"]
+    events = trace.events
+    marks_at: dict[int, list[str]] = {}
+    for name, index in trace.marks.items():
+        if start <= index < end:
+            marks_at.setdefault(index, []).append(name)
+    drops_at: dict[int, list[Drop]] = {}
+    for drop in drops:
+        drops_at.setdefault(drop[0], []).append(drop)
+    out = Trace(events=events[:end], tags=dict(trace.tags), phase_of=dict(trace.phase_of), owner=dict(trace.owner),
+                marks={k: v for k, v in trace.marks.items() if k != "end"})
+    emitted = out.events
+    fresh: dict[int, int] = {}
+    next_handle = max((h for k, h, _b, _u in events if k == ALLOC), default=0) + 1
+
+    def emit(pending):
+        for _index, _phase, frees in pending:
+            emitted.extend((FREE, handle, 0, unit) for handle, unit in frees)
+
+    for index in range(start, end + 1):
+        pending = drops_at.get(index, ())
+        names = marks_at.get(index)
+        if names:
+            emit(d for d in pending if d[1] not in names)
+            for name in names:
+                out.marks[_next_number(name, number)] = len(emitted)
+            emit(d for d in pending if d[1] in names)
+        else:
+            emit(pending)
+        if index == end:
+            break
+        kind, handle, nbytes, unit = events[index]
+        if kind == ALLOC:
+            if handle in once:
+                continue
+            fresh[handle] = next_handle
+            if handle in trace.tags:
+                out.tags[next_handle] = trace.tags[handle]
+            if handle in trace.owner:
+                out.owner[next_handle] = trace.owner[handle]
+            if handle in trace.phase_of:
+                out.phase_of[next_handle] = _next_number(trace.phase_of[handle], number)
+            emitted.append((ALLOC, next_handle, nbytes, unit))
+            next_handle += 1
+        elif kind == FREE:
+            if handle in fresh:  # a free of what was made before this step happened once
+                emitted.append((FREE, fresh[handle], nbytes, unit))
+        else:
+            emitted.append(events[index])
+    out.marks["end"] = len(emitted)
     return out

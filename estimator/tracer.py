@@ -210,6 +210,18 @@ class MetaValues(TorchDispatchMode):
         return func(*args, **(kwargs or {})) if answer is NotImplemented else answer
 
 
+def _unit_of_event(running: int | None, last: int | None, phase: str, owner: int | None, freeing: bool) -> int | None:
+    """The unit an event repeats with: the unit whose code runs. Outside the layers in forward, what happens
+    right after a unit returns belongs to it (its input is dropped when its output replaces it); a free of
+    another unit's storage there (the previous step's KV cache, say) belongs to that storage's unit."""
+    if running is not None:
+        return running
+    if phase.startswith("forward") and last is not None:
+        if not freeing or owner is None or owner == last - 1 or owner == last:
+            return last
+    return owner
+
+
 class StorageTracker(MetaValues):
     """Dispatch mode that logs allocations and frees of storages on the meta device."""
 
@@ -241,17 +253,17 @@ class StorageTracker(MetaValues):
         return self._context[-1]
 
     def _event_unit(self, owner: int | None, freeing: bool) -> int | None:
-        """The unit an event repeats with. Outside the layers in forward, what happens right after a unit
-        returns belongs to it (its input is dropped when its output replaces it); a free of another unit's
-        storage there (the previous step's KV cache, say) belongs to that storage's unit."""
-        unit = self._context[-1]
-        if unit is not None:
-            return unit
-        last = self._last_unit
-        if self.phase.startswith("forward") and last is not None:
-            if not freeing or owner is None or owner == last - 1 or owner == last:
-                return last
-        return owner
+        return _unit_of_event(self._context[-1], self._last_unit, self.phase, owner, freeing)
+
+    def position(self) -> tuple[int, str, int | None, int | None]:
+        """Where the program stands: (events so far, phase, unit running, unit last run in forward). A free
+        that a later step makes at the same point of its code is attributed from it (`unit_of_free_at`)."""
+        return len(self.trace.events), self.phase, self._context[-1], self._last_unit
+
+    @staticmethod
+    def unit_of_free_at(position: tuple[int, str, int | None, int | None], owner: int | None) -> int | None:
+        _index, phase, running, last = position
+        return _unit_of_event(running, last, phase, owner, freeing=True)
 
     def push_context(self, unit: int | None) -> None:
         self._context.append(unit)
@@ -265,6 +277,10 @@ class StorageTracker(MetaValues):
         self._context[-1] = unit
 
     # -- tensors --------------------------------------------------------------------------------------
+    def live_handles(self) -> set[int]:
+        """Handles of the tracked storages still alive."""
+        return set(self._handle_of.values())
+
     def handle_of(self, tensor: torch.Tensor) -> int | None:
         return self._handle_of.get(tensor.untyped_storage()._cdata)
 
@@ -285,7 +301,7 @@ class StorageTracker(MetaValues):
 
     def allocate(self, nbytes: int, tag: str) -> int:
         """Log an allocation no tensor stands for (a library workspace); it is never freed."""
-        handle = self._new_handle()
+        handle = self.new_handle()
         self.trace.events.append((ALLOC, handle, nbytes, None))
         self.trace.tags[handle] = tag
         self.trace.phase_of[handle] = self.phase
@@ -298,7 +314,7 @@ class StorageTracker(MetaValues):
         unit = self._event_unit(None, freeing=False)
         handles = []
         for nbytes, tag in buffers:
-            handle = self._new_handle()
+            handle = self.new_handle()
             trace.events.append((ALLOC, handle, nbytes, unit))
             trace.phase_of[handle] = self.phase
             if unit is not None:
@@ -353,7 +369,7 @@ class StorageTracker(MetaValues):
                     return [owner]
         return [None]
 
-    def _new_handle(self) -> int:
+    def new_handle(self) -> int:
         self._next_handle += 1
         return self._next_handle
 
@@ -362,7 +378,7 @@ class StorageTracker(MetaValues):
         key = storage._cdata
         if key in self._handle_of:
             return
-        handle = self._new_handle()
+        handle = self.new_handle()
         self._handle_of[key] = handle
         unit = self._event_unit(owner, freeing=False)
         trace = self.trace

@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("diffusers")
 
 import peft  # noqa: E402
+import torch  # noqa: E402
 
 from peftpick.estimator.diffusion import (  # noqa: E402
     CUBLAS_WORKSPACE_DEFAULT, DenoiserProgram, estimate_denoiser, peft_image_suite,
@@ -333,3 +334,163 @@ def test_steps_copied_before_lengthening_give_the_same_estimate(monkeypatch):
     assert len(calls) == 2 and calls[0] > calls[1]  # the lengthened trace, then the traced one
     assert (fallback.peak_allocated_bytes, fallback.peak_reserved_bytes, fallback.breakdown) == (
         usual.peak_allocated_bytes, usual.peak_reserved_bytes, usual.breakdown)
+
+
+# ------------------------------------------------------------------------------------------ the second step
+
+
+def _traced_steps(arch, config, shape, program=None, synthesize=True):
+    """The program's trace up to the end of its traced steps, in canonical form (handles numbered by first
+    appearance), and whether its second step was made from the first."""
+    from peftpick.estimator import diffusion_trace
+
+    prog = diffusion_trace._Program(arch, config, shape, program or DenoiserProgram(), False, synthesize=synthesize)
+    with diffusion_trace.run_code_of(None), diffusion_trace.deterministic_gc():
+        prog.prepare()
+        trace, _steps = prog.trace_steps()
+    ids: dict[int, int] = {}
+    events = []
+    for kind, handle, nbytes, unit in trace.events[: trace.marks["end"]]:
+        if kind in (0, 1):  # FREE, ALLOC; markers carry no handle
+            handle = ids.setdefault(handle, len(ids))
+        events.append((kind, handle, nbytes, unit))
+
+    def renamed(table):
+        return {ids[h]: value for h, value in table.items() if h in ids}
+
+    canonical = (events, sorted(trace.marks.items(), key=lambda m: (m[1], m[0])), renamed(trace.tags),
+                 renamed(trace.phase_of), renamed(trace.owner))
+    return canonical, prog.second_step_made
+
+
+SUITE_WINDOWS = DenoiserProgram(evaluations=True, cached_latents=4, cached_prompts=4, index_rows=8)
+
+
+@pytest.mark.parametrize("arch, config, changes, program", [
+    (tiny_flux2, lora, {}, None),
+    (tiny_flux2, lora, {"gradient_checkpointing": True}, None),
+    (tiny_flux2, lambda: None, {"gradient_checkpointing": True}, None),  # full fine-tuning
+    (tiny_flux2, lora, {"optimizer": "sgd"}, None),
+    (tiny_flux2, lora, {"optimizer": "adamw-8bit"}, None),
+    (tiny_flux2, lora, {"cached_inputs": False}, None),
+    (tiny_flux2, lora, {"gradient_checkpointing": True}, SUITE_WINDOWS),
+    (tiny_unet, lambda: lora(("to_q", "to_k", "to_v", "to_out.0", "proj_in")), {"resolution": 128}, None),
+    (tiny_sd3, lambda: lora(("to_q", "to_k", "to_v", "to_out.0", "add_q_proj")), {"resolution": 128}, None),
+    (tiny_wan, lambda: lora(("to_q", "to_k", "to_v", "to_out.0")), {"resolution": 128}, None),
+], ids=["flux2", "flux2-checkpointing", "flux2-full", "flux2-sgd", "flux2-adamw-8bit", "flux2-encoders-resident",
+        "flux2-suite-windows", "sdxl-unet", "sd3", "wan"])
+def test_second_step_made_from_the_first_is_the_traced_second_step(arch, config, changes, program):
+    """The first step's events without its optimizer state and workspaces, with the frees of what it leaves
+    where the second step makes them (zero_grad; the loop variables' rebinding, the UNet's noise-schedule
+    views among them): event for event the trace of a second step."""
+    shape = dataclasses.replace(SHAPE, **changes)
+    made, was_made = _traced_steps(arch(), config(), shape, program)
+    traced, traced_made = _traced_steps(arch(), config(), shape, program, synthesize=False)
+    assert was_made and not traced_made
+    assert made == traced
+
+
+def test_a_cache_the_model_keeps_from_the_first_step_makes_the_second_traced(monkeypatch):
+    # like Qwen-Image's rotary tables, moved to the GPU at the first forward and kept: the second step does not
+    # make them again, so a copy of the first would; the storage is not a loop variable, a gradient or state
+    from peftpick.estimator import diffusion_trace
+
+    forward = diffusion_trace._Flux2.forward
+
+    def caching(prog, v):
+        if not hasattr(prog, "rope_cache"):
+            prog.rope_cache = torch.empty(4096, device="meta")
+        return forward(prog, v)
+
+    monkeypatch.setattr(diffusion_trace._Flux2, "forward", staticmethod(caching))
+    made, was_made = _traced_steps(tiny_flux2(), lora(), SHAPE)
+    assert not was_made
+    assert made == _traced_steps(tiny_flux2(), lora(), SHAPE, synthesize=False)[0]
+
+
+def test_a_loop_variable_held_elsewhere_is_traced_again(monkeypatch):
+    # the prediction also kept by the model code until its next forward: deleting the loop variable frees
+    # nothing, so where the second step frees it is not known; the program is traced again, both steps for real
+    from peftpick.estimator import diffusion_trace
+
+    forward = diffusion_trace._Flux2.forward
+
+    def keeping(prog, v):
+        prog.last_prediction = forward(prog, v)
+        return prog.last_prediction
+
+    monkeypatch.setattr(diffusion_trace._Flux2, "forward", staticmethod(keeping))
+    outcomes = []
+    trace_steps = diffusion_trace._Program.trace_steps
+
+    def recorded(self):
+        out = trace_steps(self)
+        outcomes.append((self.synthesize, out[0] is None))
+        return out
+
+    monkeypatch.setattr(diffusion_trace._Program, "trace_steps", recorded)
+    args = (tiny_flux2(), lora(), SHAPE, DenoiserProgram(), False)
+    with diffusion_trace.deterministic_gc():
+        again = diffusion_trace._Program(*args).run()
+        traced = diffusion_trace._Program(*args, synthesize=False).run()
+    assert outcomes == [(True, True), (False, False), (False, False)]
+    assert (again.peak_allocated, again.peak_reserved, again.breakdown) == (
+        traced.peak_allocated, traced.peak_reserved, traced.breakdown)
+
+
+def test_adafactor_replaces_its_state_each_step_so_its_second_step_is_traced(monkeypatch):
+    from peftpick.estimator import diffusion_trace
+
+    shape = dataclasses.replace(SHAPE, optimizer="adafactor")
+    traced, was_made = _traced_steps(tiny_flux2(), lora(), shape)
+    assert not was_made
+    # made from the first step, the second would keep every parameter's first "RMS" tensor as lasting state
+    monkeypatch.setattr(diffusion_trace, "STATE_MADE_ONCE", (*diffusion_trace.STATE_MADE_ONCE, "adafactor"))
+    made, was_made = _traced_steps(tiny_flux2(), lora(), shape)
+    assert was_made and len(made[0]) < len(traced[0])
+
+
+def test_precomputed_caches_and_later_storages_have_distinct_handles():
+    # replicate's copies of the prompt and latent encodings take handles from the tracker: the storages it
+    # tracks after them (the caches, the training steps) get new ones
+    from peftpick.estimator import diffusion_trace
+
+    arch = architecture("flux2-klein-base-4b", KLEIN_4B, family="flux2", diffusers_class="Flux2Transformer2DModel",
+                        objective="flow", latent_channels=32, vae_scale=8, patch=2, text_dim=7680, text_len=512)
+    params = {"batch_size": 2, "repeats": 1000, "text_encoder_out_layers": [10, 20, 30]}
+    shape = TrainingShape(batch_size=2, gradient_checkpointing=True, dtype="bfloat16", resolution=512)
+    prog = diffusion_trace._Program(arch, lora(KLEIN_TARGETS), shape, peft_image_suite(params), False, synthesize=False)
+    with diffusion_trace.run_code_of(None), diffusion_trace.deterministic_gc():
+        prog.prepare()
+        trace, _steps = prog.trace_steps()
+    allocated = [handle for kind, handle, _nbytes, _unit in trace.events if kind == 1]
+    assert trace.marks["precompute"] < trace.marks["forward0"]
+    assert len(allocated) == len(set(allocated))
+
+
+def test_second_step_from_first_on_a_trace_made_by_hand():
+    """synthesis.second_step_from_first: the step's allocations with new handles (its lasting state left out,
+    a free of an earlier storage not repeated, names and phases renumbered), the drops at their points; a drop
+    noted in the phase that ends at an index comes before the next phase's mark there."""
+    from peftpick.estimator.synthesis import second_step_from_first
+    from peftpick.estimator.tracer import ALLOC, FREE, Trace
+
+    events = [(ALLOC, 1, 100, None),                              # 0 build: weights
+              (ALLOC, 2, 8, None), (ALLOC, 3, 16, 0),             # 1 forward0: input, activation
+              (FREE, 3, 0, 0), (ALLOC, 4, 4, None),               # 3 backward0: activation freed, gradient
+              (ALLOC, 5, 8, None), (ALLOC, 6, 2, None), (FREE, 6, 0, None), (FREE, 1, 0, None)]  # 5 optimizer0
+    marks = {"build": 0, "forward0": 1, "backward0": 3, "optimizer0": 5, "end": 9}
+    phases = {1: "build", 2: "forward0", 3: "forward0", 4: "backward0", 5: "optimizer0", 6: "optimizer0"}
+    trace = Trace(events=list(events), tags={2: "inputs", 4: "grads", 5: "optimizer"}, phase_of=phases,
+                  owner={3: 0}, marks=dict(marks))
+    drops = [(2, "forward0", [(4, None)]),   # zero_grad after the input is made: the gradient
+             (3, "forward0", [(2, 7)])]      # the input's name rebound as forward ends: before backward1's mark
+    out = second_step_from_first(trace, 1, once={5}, drops=drops)
+    assert out.events[:9] == events
+    assert out.events[9:] == [(ALLOC, 7, 8, None), (FREE, 4, 0, None), (ALLOC, 8, 16, 0), (FREE, 2, 0, 7),
+                              (FREE, 8, 0, 0), (ALLOC, 9, 4, None), (ALLOC, 10, 2, None), (FREE, 10, 0, None)]
+    assert {k: out.marks[k] for k in ("forward1", "backward1", "optimizer1", "end")} == {
+        "forward1": 9, "backward1": 13, "optimizer1": 15, "end": 17}
+    assert (out.tags[7], out.tags[9], out.phase_of[8], out.phase_of[10], out.owner[8]) == (
+        "inputs", "grads", "forward1", "optimizer1", 0)
+    assert 5 in out.tags and not any(h == 5 for _k, h, _b, _u in out.events[9:])
