@@ -24,21 +24,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def canonical(trace):
-    ids: dict[int, int] = {}
-    events = []
-    for kind, handle, nbytes, unit in trace.events[: trace.marks["end"]]:
-        if kind in (0, 1):  # FREE, ALLOC; markers carry no handle
-            handle = ids.setdefault(handle, len(ids))
-        events.append((kind, handle, nbytes, unit))
-
-    def renamed(table):
-        return {ids[h]: value for h, value in table.items() if h in ids}
-
-    marks = sorted(trace.marks.items(), key=lambda mark: (mark[1], mark[0]))
-    return events, marks, renamed(trace.tags), renamed(trace.phase_of), renamed(trace.owner)
-
-
 def traced_steps(arch, config, shape, program, synthesize: bool):
     """(canonical trace or None where the program would be traced again, second step made?, seconds)."""
     from peftpick.estimator import diffusion_trace
@@ -49,7 +34,7 @@ def traced_steps(arch, config, shape, program, synthesize: bool):
         prog.prepare()
         trace, _steps = prog.trace_steps()
     seconds = time.perf_counter() - start
-    return (None if trace is None else canonical(trace)), prog.second_step_made, seconds
+    return (None if trace is None else trace.canonical()), prog.second_step_made, seconds
 
 
 def request_jobs(requests: list[str]) -> list[tuple]:

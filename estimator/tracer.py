@@ -34,6 +34,22 @@ class Trace:
     owner: dict[int, int] = field(default_factory=dict)  # handle -> unit of layers that owns it
     marks: dict[str, int] = field(default_factory=dict)  # phase -> index of its first event
 
+    def canonical(self) -> tuple:
+        """The trace up to its "end" mark with handles numbered by first appearance (events, marks in order,
+        tags, phases, owners): equal for two traces of the same program that numbered storages differently."""
+        ids: dict[int, int] = {}
+        events = []
+        for kind, handle, nbytes, unit in self.events[: self.marks.get("end", len(self.events))]:
+            if kind in (ALLOC, FREE):  # marker events carry no handle
+                handle = ids.setdefault(handle, len(ids))
+            events.append((kind, handle, nbytes, unit))
+
+        def renamed(table):
+            return {ids[h]: value for h, value in table.items() if h in ids}
+
+        marks = sorted(self.marks.items(), key=lambda mark: (mark[1], mark[0]))
+        return events, marks, renamed(self.tags), renamed(self.phase_of), renamed(self.owner)
+
 
 _aten = torch.ops.aten
 # "Is anything inf / nan?" sanity checks, and the reductions that fold their masks into one answer.

@@ -348,19 +348,7 @@ def _traced_steps(arch, config, shape, program=None, synthesize=True):
     with diffusion_trace.run_code_of(None), diffusion_trace.deterministic_gc():
         prog.prepare()
         trace, _steps = prog.trace_steps()
-    ids: dict[int, int] = {}
-    events = []
-    for kind, handle, nbytes, unit in trace.events[: trace.marks["end"]]:
-        if kind in (0, 1):  # FREE, ALLOC; markers carry no handle
-            handle = ids.setdefault(handle, len(ids))
-        events.append((kind, handle, nbytes, unit))
-
-    def renamed(table):
-        return {ids[h]: value for h, value in table.items() if h in ids}
-
-    canonical = (events, sorted(trace.marks.items(), key=lambda m: (m[1], m[0])), renamed(trace.tags),
-                 renamed(trace.phase_of), renamed(trace.owner))
-    return canonical, prog.second_step_made
+    return trace.canonical(), prog.second_step_made
 
 
 SUITE_WINDOWS = DenoiserProgram(evaluations=True, cached_latents=4, cached_prompts=4, index_rows=8)
