@@ -243,7 +243,7 @@ class _Program:
             self.workspace_handles.append(self.tracker.allocate(self.program.cublas_workspace, "overhead"))
 
     def where(self) -> tuple:
-        """(ordinal, tracker position) of a point of the step's code, for `second_step`."""
+        """(ordinal, tracker position) of a point of the step's code, for `next_step_drops`."""
         self._ordinal += 1
         return self._ordinal, self.tracker.position()
 

@@ -10,6 +10,9 @@ descending order (backward, or Python freeing a list from its end) they precede 
 
 Tracing 4 units instead of 32 layers is what makes an 8B estimate take a fraction of a second; tests check that
 a lengthened trace replays to the same peaks as a trace of every layer.
+
+Training steps repeat too: `repeat_last_step` appends copies of the last traced step, and
+`second_step_from_first` makes a second step from the first (the denoiser trace traces one).
 """
 
 from __future__ import annotations
